@@ -1,0 +1,197 @@
+"""The expert cache: preallocated slots, residency, LRU eviction, pinning, coalesced loads.
+
+Slots are carved from one page-aligned buffer sized by the budget. Each pool (one per MoE layer,
+or one global pool) keeps its resident experts in LRU order. An expert being computed is pinned
+and cannot be evicted; an expert still loading cannot be evicted either; a second request for an
+expert already loading waits on the same read instead of starting another.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import FIRST_COMPLETED, Future, wait
+from typing import Callable, Iterator
+
+import torch
+
+from .loader import aligned_buffer
+from .stats import OffloadStats
+
+Key = tuple[int, int]  # (layer, expert)
+
+
+class Slot:
+    __slots__ = ("index", "buffer", "views", "key", "pins", "future")
+
+    def __init__(self, index: int, buffer: torch.Tensor, views):
+        self.index, self.buffer, self.views = index, buffer, views
+        self.key: Key | None = None
+        self.pins = 0
+        self.future: Future | None = None
+
+    def loading(self) -> bool:
+        return self.future is not None and not self.future.done()
+
+    def evictable(self) -> bool:
+        return self.pins == 0 and not self.loading()
+
+
+class Pool:
+    def __init__(self, slots: list[Slot]):
+        self.slots = slots
+        self.free = list(reversed(slots))
+        self.lru: OrderedDict[Key, Slot] = OrderedDict()  # oldest first
+
+
+class ExpertCache:
+    def __init__(self, layers: list[int], slots_per_pool: int, blob_size: int, loader,
+                 stats: OffloadStats, scope: str = "layer", make_views: Callable | None = None):
+        self.loader, self.stats, self.scope = loader, stats, scope
+        pool_keys = layers if scope == "layer" else [None]
+        total = slots_per_pool * len(pool_keys)
+        self.buffer = aligned_buffer(total * blob_size)  # the whole budget, allocated once
+        slots = [Slot(i, self.buffer[i * blob_size:(i + 1) * blob_size], None) for i in range(total)]
+        for s in slots:
+            s.views = make_views(s.buffer) if make_views else s.buffer
+        self.pools = {k: Pool(slots[i * slots_per_pool:(i + 1) * slots_per_pool]) for i, k in enumerate(pool_keys)}
+        self.residency: dict[Key, Slot] = {}
+        self.lock = threading.Lock()
+        self.evicted: list[Key] = []  # eviction order, kept short; tests compare it with a reference LRU
+        stats.cache_slots = total
+        stats.resident = lambda: len(self.residency)
+
+    def pool(self, layer: int) -> Pool:
+        return self.pools[layer if self.scope == "layer" else None]
+
+    # ------------------------------------------------------------ internals (call with the lock held)
+
+    def _claim(self, pool: Pool) -> Slot | None:
+        """A free slot, else the least recently used evictable one; None if every slot is busy."""
+        if pool.free:
+            return pool.free.pop()
+        for key, slot in pool.lru.items():
+            if slot.evictable():
+                del pool.lru[key]
+                del self.residency[key]
+                self.evicted.append(key)
+                if len(self.evicted) > 4096:
+                    del self.evicted[:2048]
+                self.stats.evictions += 1
+                slot.key = slot.future = None
+                return slot
+        return None
+
+    def _load(self, pool: Pool, slot: Slot, key: Key) -> None:
+        slot.key = key
+        slot.future = self.loader.submit(key[0], key[1], slot.buffer)
+        self.residency[key] = slot
+        pool.lru[key] = slot
+
+    def _drop(self, slot: Slot) -> None:
+        """Forget a slot whose load failed, so a later request reads the blob again."""
+        pool = self.pool(slot.key[0])
+        self.residency.pop(slot.key, None)
+        pool.lru.pop(slot.key, None)
+        slot.key = slot.future = None
+        slot.pins = 0
+        pool.free.append(slot)
+
+    # ------------------------------------------------------------ public
+
+    def contains(self, layer: int, expert: int) -> bool:
+        return (layer, expert) in self.residency
+
+    def prefetch(self, layer: int, experts) -> int:
+        """Start loading guessed experts that are not resident, without evicting pinned or loading
+        ones. Returns how many reads started."""
+        started = 0
+        pool = self.pool(layer)
+        with self.lock:
+            for e in experts:
+                key = (layer, int(e))
+                if key in self.residency:
+                    continue
+                slot = self._claim(pool)
+                if slot is None:
+                    break
+                self._load(pool, slot, key)
+                started += 1
+        if started:
+            self.stats.add(prefetch_loads=started)
+        return started
+
+    def stream(self, layer: int, experts) -> Iterator[tuple[int, object]]:
+        """Yield (expert, slot views) for every requested expert, resident ones first, misses as
+        their reads complete. Each expert stays pinned until the caller asks for the next one, so
+        a layer needing more experts than its pool holds still runs, a few at a time."""
+        pool = self.pool(layer)
+        with self.lock:
+            pending = sorted((int(e) for e in experts), key=lambda e: (layer, e) not in self.residency)
+        active: list[tuple[int, Slot]] = []
+        try:
+            while pending or active:
+                with self.lock:
+                    while pending:
+                        key = (layer, pending[0])
+                        slot = self.residency.get(key)
+                        if slot is not None:
+                            pool.lru.move_to_end(key)
+                            self.stats.hits[layer] += 1
+                        else:
+                            slot = self._claim(pool)
+                            if slot is None:
+                                break  # every slot is pinned or loading: compute, then come back
+                            self._load(pool, slot, key)
+                            self.stats.misses[layer] += 1
+                        slot.pins += 1
+                        active.append((pending.pop(0), slot))
+                if not active:  # only other loads (prefetches) hold the pool: wait for one
+                    loading = [s.future for s in pool.slots if s.loading()]
+                    if not loading:
+                        raise RuntimeError(f"no cache slot can be freed for layer {layer}")
+                    self._wait(loading)
+                    continue
+                ready = next((a for a in active if not a[1].loading()), None)
+                if ready is None:
+                    self._wait([s.future for _, s in active])
+                    continue
+                active.remove(ready)
+                expert, slot = ready
+                if slot.future is not None and slot.future.exception() is not None:
+                    error = slot.future.exception()
+                    with self.lock:
+                        self._drop(slot)
+                    raise error
+                try:
+                    yield expert, slot.views
+                finally:
+                    with self.lock:
+                        slot.pins -= 1
+        finally:
+            with self.lock:
+                for _, slot in active:
+                    slot.pins -= 1
+
+    def _wait(self, futures: list[Future]) -> None:
+        if not futures:
+            return
+        started = time.perf_counter()
+        wait(futures, return_when=FIRST_COMPLETED)
+        self.stats.add(stall_seconds=time.perf_counter() - started)
+
+    def resident(self) -> list[Key]:
+        with self.lock:
+            return list(self.residency)
+
+    def check_invariants(self) -> None:
+        """Consistency of residency, pools and free lists (used by tests)."""
+        with self.lock:
+            seen = 0
+            for pool in self.pools.values():
+                assert len(pool.lru) + len(pool.free) <= len(pool.slots)
+                for key, slot in pool.lru.items():
+                    assert self.residency[key] is slot and slot.key == key
+                assert not set(map(id, pool.free)) & {id(s) for s in pool.lru.values()}
+                seen += len(pool.lru)
+            assert seen == len(self.residency) <= sum(len(p.slots) for p in self.pools.values())

@@ -1,0 +1,141 @@
+"""The single command-line entry point: each subcommand only calls the public API."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from .errors import MoeOffloadError
+
+
+def add_budget_args(p: argparse.ArgumentParser) -> None:
+    """The cache and prefetch options shared by generate, chat, serve and bench."""
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--expert-cache", metavar="SIZE", help="byte budget of the expert cache, e.g. 2GiB "
+                        "(default: a quarter of the experts)")
+    budget.add_argument("--experts-per-layer", type=int, metavar="K", help="experts cached per layer")
+    p.add_argument("--prefetch", type=int, default=2, metavar="K",
+                   help="experts guessed ahead per layer; 0 turns speculative loading off (default 2)")
+    p.add_argument("--lookahead", type=int, default=1, help="layers ahead to guess (default 1)")
+    p.add_argument("--cache-scope", choices=["layer", "global"], default="layer",
+                   help="one LRU pool per layer (the paper) or one global pool (default layer)")
+
+
+def load_kwargs(args) -> dict:
+    return dict(expert_cache=args.expert_cache, experts_per_layer=args.experts_per_layer,
+                prefetch=args.prefetch, lookahead=args.lookahead, cache_scope=args.cache_scope)
+
+
+def cmd_convert(args) -> None:
+    from . import convert
+
+    path = convert(args.src, args.dst, expert_bits=args.expert_bits, dense_bits=args.dense_bits,
+                   group_size=args.group_size, overwrite=args.force, progress=not args.quiet)
+    print(f"store written to {path}", file=sys.stderr)
+
+
+def cmd_verify(args) -> None:
+    from tqdm.auto import tqdm
+
+    from .store import Store
+
+    store = Store.open(args.store)
+    with tqdm(total=store.num_layers * store.num_experts, unit="expert", desc="verifying") as bar:
+        store.verify(progress=bar.update)
+    print(f"{args.store}: all {store.num_layers * store.num_experts} expert blobs and the dense weights check out")
+
+
+def cmd_generate(args) -> None:
+    from .generate import generate_text
+
+    result = generate_text(args.store, args.prompt, chat=args.chat, max_new_tokens=args.max_new_tokens,
+                           temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                           stream=not args.json, **load_kwargs(args))
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        print("\n\n" + result["summary"], file=sys.stderr)
+
+
+def cmd_demo(args) -> None:
+    from .demo import run_demo
+
+    run_demo(args.dir, max_new_tokens=args.max_new_tokens)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="moe-offload", description="Run Mixture-of-Experts models with "
+                                     "offloaded experts, a budgeted expert cache and speculative prefetch.")
+    parser.add_argument("--version", action="version", version=f"moe-offload {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("convert", help="convert a Hugging Face checkpoint into a store",
+                       description="Convert a Hugging Face MoE checkpoint folder (config.json + safetensors) "
+                       "into a store: quantized dense part, one aligned blob per expert.")
+    p.add_argument("src", help="checkpoint folder")
+    p.add_argument("dst", help="store folder to create")
+    p.add_argument("--expert-bits", type=int, choices=[2, 3, 4, 8, 16], default=4,
+                   help="bits per expert weight; 16 keeps the source dtype (default 4)")
+    p.add_argument("--dense-bits", type=int, choices=[4, 8, 16], default=4,
+                   help="bits per weight of attention projections and lm_head (default 4)")
+    p.add_argument("--group-size", type=int, help="quantization group size (default: 64, 16 for 2-bit)")
+    p.add_argument("--force", action="store_true", help="replace DST if it exists")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("generate", help="generate text from a prompt, then print the statistics",
+                       description="Generate text, streaming tokens as they come, then print tokens/s, "
+                       "cache hit rate, prefetch accuracy, bytes read and peak memory.")
+    p.add_argument("store")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--json", action="store_true", help="print one JSON object with text and statistics")
+    add_budget_args(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("verify", help="check every checksum of a store",
+                       description="Check the dense weights and every expert blob against the manifest.")
+    p.add_argument("store")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("demo", help="build a random Mixtral, convert it, and generate with offloaded experts",
+                       description="The built-in demonstration: a random Mixtral-architecture model of a few "
+                       "hundred MB, converted with 4-bit experts, run with a quarter of the experts cached "
+                       "next to a run with all experts resident.")
+    p.add_argument("--dir", default=".demo", help="where to keep the model and the store (default .demo)")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.set_defaults(func=cmd_demo)
+
+    for module in ("server", "chat", "bench"):  # optional subcommands, present when their modules are
+        try:
+            mod = __import__(f"moe_offload.{module}", fromlist=["add_parser"])
+        except ImportError:
+            continue
+        if hasattr(mod, "add_parser"):
+            mod.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a model hub
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except MoeOffloadError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""The typed settings of the public API: how to quantize, and how to offload."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .errors import MoeOffloadError
+
+EXPERT_BITS = (2, 3, 4, 8, 16)
+DENSE_BITS = (4, 8, 16)
+# The paper's settings: 4-bit and 3-bit in groups of 64, 2-bit in groups of 16.
+DEFAULT_GROUP = {2: 16, 3: 64, 4: 64, 8: 64}
+POLICIES = ("lru",)
+SCOPES = ("layer", "global")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Bits per weight for experts and for the dense part (16 keeps the source dtype)."""
+
+    expert_bits: int = 4
+    dense_bits: int = 4
+    group_size: int | None = None  # None: the paper's default for each bit width
+
+    def __post_init__(self) -> None:
+        if self.expert_bits not in EXPERT_BITS:
+            raise MoeOffloadError(f"expert_bits must be one of {EXPERT_BITS}, got {self.expert_bits}")
+        if self.dense_bits not in DENSE_BITS:
+            raise MoeOffloadError(f"dense_bits must be one of {DENSE_BITS}, got {self.dense_bits}")
+        if self.group_size is not None and (self.group_size < 8 or self.group_size & (self.group_size - 1)):
+            raise MoeOffloadError(f"group_size must be a power of two >= 8, got {self.group_size}")
+
+    def group_for(self, bits: int) -> int:
+        return self.group_size or DEFAULT_GROUP.get(bits, 64)
+
+
+@dataclass(frozen=True)
+class OffloadConfig:
+    """Where experts are computed and how many of them the cache holds."""
+
+    device: str = "cpu"
+    expert_cache: int | str | None = None  # bytes, or a size such as "2GiB"
+    experts_per_layer: int | None = None  # the other way to give the budget
+    prefetch: int = 2  # experts guessed per upcoming layer; 0 turns speculation off
+    lookahead: int = 1  # how many layers ahead to guess
+    policy: str = "lru"
+    cache_scope: str = "layer"  # one pool per layer (the paper), or one global pool
+
+    def __post_init__(self) -> None:
+        if self.expert_cache is not None and self.experts_per_layer is not None:
+            raise MoeOffloadError("give either expert_cache or experts_per_layer, not both")
+        if self.policy not in POLICIES:
+            raise MoeOffloadError(f"policy must be one of {POLICIES}, got {self.policy!r}")
+        if self.cache_scope not in SCOPES:
+            raise MoeOffloadError(f"cache_scope must be one of {SCOPES}, got {self.cache_scope!r}")
+        if self.prefetch < 0 or self.lookahead < 1:
+            raise MoeOffloadError("prefetch must be >= 0 and lookahead >= 1")
+        if self.device != "cpu" and not self.device.startswith("cuda"):
+            raise MoeOffloadError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+
+    def budget_bytes(self) -> int | None:
+        return None if self.expert_cache is None else parse_size(self.expert_cache)
+
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
+          "g": 1000**3, "gb": 1000**3, "gib": 1024**3, "t": 1000**4, "tb": 1000**4, "tib": 1024**4}
+
+
+def parse_size(size: int | str) -> int:
+    """'2GiB', '512MB', '1.5G' or an int number of bytes -> bytes."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        value = size
+    else:
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(size))
+        unit = match.group(2).lower() if match else None
+        if not match or unit not in _UNITS:
+            raise MoeOffloadError(f"cannot read the size {size!r}: use bytes or a unit such as 512MiB or 2GiB")
+        value = int(float(match.group(1)) * _UNITS[unit])
+    if value <= 0:
+        raise MoeOffloadError(f"a size must be positive, got {size!r}")
+    return value
+
+
+def format_size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"

@@ -1,0 +1,53 @@
+"""`make demo`: a random Mixtral of a few hundred MB, converted with 4-bit experts, run with a
+quarter of its experts cached next to a run with all of them resident."""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from .config import format_size
+
+PROMPT = "Write the recipe for a chicken curry with coconut milk."
+ROWS = [("decode tok/s", "decode_tokens_per_s", "{:.2f}"), ("prefill tok/s", "prefill_tokens_per_s", "{:.1f}"),
+        ("hit rate", "hit_rate", "{:.3f}"), ("prefetch precision", "prefetch_precision", "{:.3f}"),
+        ("prefetch recall", "prefetch_recall", "{:.3f}"), ("stall s", "stall_seconds", "{:.3f}"),
+        ("cache slots", "cache_slots", "{}")]
+
+
+def run_demo(workdir: str | Path = ".demo", max_new_tokens: int = 48) -> dict:
+    from . import convert
+    from .generate import generate_text
+    from .store import Store
+    from .synthetic import build_random_mixtral
+
+    workdir = Path(workdir)
+    src, store = workdir / "mixtral-small-random", workdir / "store-4bit"
+    if not (src / "config.json").is_file():
+        print(f"building a random Mixtral-architecture model (shape 'small') in {src} ...", file=sys.stderr)
+        build_random_mixtral(src, "small", seed=0)
+    if not (store / "manifest.json").is_file():
+        started = time.perf_counter()
+        convert(src, store, expert_bits=4, dense_bits=4, overwrite=True)
+        print(f"converted in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+    st = Store.open(store)
+    experts = st.num_experts
+    runs = {}
+    for name, kwargs in (("offloaded (1/4 of experts cached)", {}),
+                         ("all experts resident", {"experts_per_layer": experts, "prefetch": 0})):
+        print(f"\n=== {name} ===", file=sys.stderr)
+        runs[name] = generate_text(store, PROMPT, chat=True, max_new_tokens=max_new_tokens, **kwargs)
+        print(file=sys.stderr)
+    print("\n(the weights are random, so the text is gibberish; the numbers are what matter)\n")
+    names = list(runs)
+    width = max(len(r[0]) for r in ROWS) + 2
+    print(" " * width + "".join(f"{n:>36}" for n in names))
+    for label, key, fmt in ROWS:
+        print(f"{label:<{width}}" + "".join(f"{fmt.format(runs[n]['stats'][key]):>36}" for n in names))
+    for label, fn in (("MiB read from disk", lambda s: f"{sum(s['bytes_read'].values()) / 2**20:.1f}"),
+                      ("peak RSS", lambda s: format_size(s["peak_rss_bytes"]))):
+        print(f"{label:<{width}}" + "".join(f"{fn(runs[n]['stats']):>36}" for n in names))
+    same = runs[names[0]]["text"] == runs[names[1]]["text"]
+    print(f"\nsame text from both runs (greedy): {same}; expert blob {format_size(st.blob_size)}, "
+          f"{st.num_layers} layers x {experts} experts")
+    return runs

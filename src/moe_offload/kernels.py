@@ -1,0 +1,53 @@
+"""Matrix products on stored weight formats: the fast path next to its plain reference.
+
+The fast path must equal the reference up to the rounding of its activation dtype; tests compare
+them on fresh random inputs. `use_reference()` forces the reference everywhere (for oracles).
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import torch
+import torch.nn.functional as F
+
+from .quant import QMatrix, dequantize
+
+_state = threading.local()
+
+
+@contextlib.contextmanager
+def use_reference(enabled: bool = True):
+    """Run every quantized product through dequantize-then-fp32-matmul (slow, exact)."""
+    old = getattr(_state, "reference", False)
+    _state.reference = enabled
+    try:
+        yield
+    finally:
+        _state.reference = old
+
+
+def linear_reference(x: torch.Tensor, m: QMatrix) -> torch.Tensor:
+    return F.linear(x.float(), dequantize(m)).to(x.dtype)
+
+
+def linear(x: torch.Tensor, m: QMatrix) -> torch.Tensor:
+    """y = x @ W.T for x [..., K] on any stored format."""
+    if m.fmt == "dense":
+        w = m.tensors["weight"]
+        return F.linear(x.to(w.dtype), w).to(x.dtype)
+    if getattr(_state, "reference", False):
+        return linear_reference(x, m)
+    if m.fmt == "int4pack":
+        # torch's fused int4 GEMV; it is fast only with bf16 activations (FACTS: ~30x with fp32).
+        x2 = x.reshape(-1, m.k).to(torch.bfloat16).contiguous()
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, m.tensors["packed"], m.group, m.tensors["scales_zeros"])
+        return y.to(x.dtype).reshape(*x.shape[:-1], m.n)
+    # "grouped": no fused kernel yet; dequantize in the activation dtype.
+    return F.linear(x, dequantize(m).to(x.dtype))
+
+
+def expert_forward(x: torch.Tensor, gate_up: QMatrix, down: QMatrix, act) -> torch.Tensor:
+    """One SwiGLU expert: down(act(gate(x)) * up(x)); gate and up are one fused [2I, H] matrix."""
+    gate, up = linear(x, gate_up).chunk(2, dim=-1)
+    return linear(act(gate) * up, down)

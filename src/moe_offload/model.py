@@ -1,0 +1,226 @@
+"""load(): a transformers model whose dense part is resident and whose experts live in the store.
+
+The skeleton is built on the meta device, dense weights are copied in from the store one tensor
+at a time, and each MoE block's `experts` is swapped for OffloadedExperts, so expert weights
+never exist in memory except in the cache's slots.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from types import MethodType
+
+import torch
+from torch import nn
+
+from . import kernels
+from .archs import arch_for
+from .cache import ExpertCache
+from .config import OffloadConfig, format_size
+from .errors import MoeOffloadError
+from .loader import make_loader
+from .moe import OffloadedExperts
+from .prefetch import Prefetcher
+from .quant import QMatrix, int4pack_layout_id
+from .stats import OffloadStats
+from .store import DENSE_FILE, Store
+
+
+class QuantLinear(nn.Module):
+    """nn.Linear on a stored weight format (the dense part's quantized projections)."""
+
+    def __init__(self, meta: dict, bias: bool):
+        super().__init__()
+        self.meta = meta
+        self.in_features, self.out_features = meta["k"], meta["n"]
+        self.bias = None
+        self._names: list[str] = []
+        self.has_bias = bias
+
+    def set_tensor(self, name: str, t: torch.Tensor) -> None:
+        if name == "bias":
+            self.bias = nn.Parameter(t, requires_grad=False)
+        else:
+            self.register_buffer(name, t, persistent=False)
+            self._names.append(name)
+
+    def qmatrix(self) -> QMatrix:
+        m = self.meta
+        return QMatrix(m["fmt"], m["n"], m["k"], m["bits"], m["group"], {n: getattr(self, n) for n in self._names})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = kernels.linear(x, self.qmatrix())
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, {self.meta['fmt']} {self.meta['bits']}-bit"
+
+
+class OffloadRuntime:
+    """What the offloaded model owns besides its modules: store, loader, cache, prefetcher, stats."""
+
+    def __init__(self, store: Store, cache: ExpertCache, loader, prefetcher: Prefetcher | None, stats: OffloadStats):
+        self.store, self.cache, self.loader, self.prefetcher, self.stats = store, cache, loader, prefetcher, stats
+        self.residuals: dict[int, torch.Tensor] = {}
+
+    def close(self) -> None:
+        self.loader.close()
+
+
+def _slots_per_pool(store: Store, cfg: OffloadConfig) -> int:
+    layers, experts, top_k, blob = store.num_layers, store.num_experts, store.top_k, store.blob_size
+    budget = cfg.budget_bytes()
+    pools = layers if cfg.cache_scope == "layer" else 1
+    if cfg.experts_per_layer is not None:
+        total = cfg.experts_per_layer * layers
+    elif budget is not None:
+        total = budget // blob
+    else:
+        total = max(top_k, math.ceil(experts / 4)) * layers  # a quarter of the experts
+    per_pool = total // pools
+    minimum = top_k  # the experts one token needs in one layer
+    if per_pool < minimum:
+        need = minimum * pools * blob
+        raise MoeOffloadError(
+            f"the expert cache holds {per_pool} expert(s) {'per layer' if pools > 1 else 'in all'}; the minimum is "
+            f"{minimum} (the router's top-k), i.e. --experts-per-layer {minimum} or --expert-cache {need} "
+            f"({format_size(need)}); one expert takes {blob} bytes")
+    return min(per_pool, experts if pools > 1 else experts * layers)
+
+
+def load(store: str | os.PathLike, *, device: str = "cpu", expert_cache: int | str | None = None,
+         experts_per_layer: int | None = None, prefetch: int = 2, lookahead: int = 1, policy: str = "lru",
+         cache_scope: str = "layer", dtype: torch.dtype = torch.float32):
+    """Load a store as a transformers PreTrainedModel whose experts are offloaded.
+
+    `expert_cache` is the byte budget of the expert cache (int or "2GiB"), `experts_per_layer` the
+    other way to say it; by default the cache holds a quarter of the experts. The returned model
+    has `offload_stats()` and `close()` besides everything transformers gives.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    cfg = OffloadConfig(device, expert_cache, experts_per_layer, prefetch, lookahead, policy, cache_scope)
+    if device != "cpu" and not torch.cuda.is_available():
+        raise MoeOffloadError(f"device {device!r} asked for, but this torch build sees no CUDA device")
+    st = Store.open(store)
+    config = AutoConfig.from_pretrained(st.path, local_files_only=True)
+    arch = arch_for(config)
+    if any(m["fmt"] == "int4pack" for m in _all_formats(st)) and st.manifest["int4pack_layout"] != int4pack_layout_id():
+        raise MoeOffloadError(f"{st.path} was converted on a CPU whose int4 weight layout differs from this one's; "
+                              "run `moe-offload convert` again on this machine")
+    per_pool = _slots_per_pool(st, cfg)
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    stats = OffloadStats(st.num_layers)
+    loader = make_loader(st, stats, device)
+    layout = st.layout
+    cache = ExpertCache(st.moe_layers, per_pool, st.blob_size, loader, stats, cfg.cache_scope, layout.views)
+    layers = model.model.layers
+    routers = {i: getattr(layers[i], arch.moe_block).get_submodule(arch.router) for i in st.moe_layers}
+    norms = {i: layers[i].get_submodule(arch.moe_norm) for i in st.moe_layers}
+    prefetcher = Prefetcher(cache, stats, routers, norms, cfg.prefetch, cfg.lookahead) if cfg.prefetch else None
+    runtime = OffloadRuntime(st, cache, loader, prefetcher, stats)
+
+    for i in st.moe_layers:
+        block = getattr(layers[i], arch.moe_block)
+        act = block.experts.act_fn
+        setattr(block, arch.experts, OffloadedExperts(i, st.num_experts, act, runtime))
+    _swap_quantized_linears(model, st.manifest["dense_linears"])
+    _load_dense(model, st, dtype)
+    _rebuild_meta_buffers(model)
+    model.tie_weights()
+    _check_no_meta(model)
+    model.generation_config = _generation_config(st, config, GenerationConfig)
+    model.eval()
+    _install_hooks(model, runtime, arch, st.moe_layers)
+    model.offload_runtime = runtime
+    model.offload_stats = MethodType(lambda self: self.offload_runtime.stats, model)
+    model.close = MethodType(lambda self: self.offload_runtime.close(), model)
+    return model
+
+
+def _all_formats(st: Store):
+    yield from st.manifest["expert_layout"]["matrices"].values()
+    yield from st.manifest["dense_linears"].values()
+
+
+def _swap_quantized_linears(model: nn.Module, dense_linears: dict) -> None:
+    for name, meta in dense_linears.items():
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        old = getattr(parent, attr)
+        setattr(parent, attr, QuantLinear(meta, bias=getattr(old, "bias", None) is not None))
+
+
+def _load_dense(model: nn.Module, st: Store, dtype: torch.dtype) -> None:
+    from safetensors import safe_open
+
+    with safe_open(st.path / DENSE_FILE, "pt") as f:
+        for name in f.keys():
+            module_name, _, attr = name.rpartition(".")
+            try:
+                module = model.get_submodule(module_name)
+            except AttributeError:
+                raise MoeOffloadError(f"the store holds {name}, which this model does not have: convert again") from None
+            t = f.get_tensor(name)
+            if isinstance(module, QuantLinear):
+                module.set_tensor(attr, t)
+            elif attr in module._parameters:
+                module._parameters[attr] = nn.Parameter(t.to(dtype), requires_grad=False)
+            else:
+                module._buffers[attr] = t.to(dtype) if t.is_floating_point() else t
+
+
+def _rebuild_meta_buffers(model: nn.Module) -> None:
+    """Non-persistent buffers (rotary frequencies) are not in checkpoints: rebuild those modules."""
+    for name, module in list(model.named_modules()):
+        if any(b.is_meta for b in module.buffers(recurse=False)) and hasattr(module, "config"):
+            parent_name, _, attr = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, attr, type(module)(module.config))
+
+
+def _check_no_meta(model: nn.Module) -> None:
+    missing = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if missing:
+        raise MoeOffloadError(f"the store lacks {len(missing)} tensor(s) the model needs (e.g. {missing[0]}): "
+                              "convert again")
+
+
+def _generation_config(st: Store, config, GenerationConfig):
+    if (st.path / "generation_config.json").is_file():
+        return GenerationConfig.from_pretrained(st.path, local_files_only=True)
+    return GenerationConfig.from_model_config(config)
+
+
+def _install_hooks(model: nn.Module, runtime: OffloadRuntime, arch, moe_layers: list[int]) -> None:
+    """Capture the residual stream before each MoE norm (for prefetch), and time every forward."""
+    layers = model.model.layers
+    for i in moe_layers:
+        def keep_residual(module, args, layer=i):
+            runtime.residuals[layer] = args[0]
+        layers[i].get_submodule(arch.moe_norm).register_forward_pre_hook(keep_residual)
+
+    stats = runtime.stats
+    clock: dict[str, float] = {}
+
+    def before(module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            ids = kwargs.get("inputs_embeds")
+        clock["tokens"] = ids.shape[0] * ids.shape[1]
+        clock["prefill"] = ids.shape[1] > 1
+        clock["start"] = time.perf_counter()
+
+    def after(module, args, kwargs, output):
+        seconds = time.perf_counter() - clock.pop("start", time.perf_counter())
+        if clock.get("prefill"):
+            stats.add(tokens_prefill=clock["tokens"], seconds_prefill=seconds)
+        else:
+            stats.add(tokens_decode=clock["tokens"], seconds_decode=seconds)
+        runtime.residuals.clear()
+
+    model.register_forward_pre_hook(before, with_kwargs=True)
+    model.register_forward_hook(after, with_kwargs=True)

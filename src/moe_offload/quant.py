@@ -1,0 +1,231 @@
+"""HQQ quantization, the storage formats of a weight matrix, and their plain reference dequantization.
+
+A matrix W [N, K] (out, in) is stored in one of three formats, each a few flat tensors:
+- "dense":    the weight itself, in the source dtype (16-bit stores).
+- "int4pack": codes of 2-4 bits in torch's CPU int4 layout plus bf16 (scale, zero) pairs per
+              group, W = (q - 8) * scale + zero: the layout `aten._weight_int4pack_mm_for_cpu` reads.
+- "grouped":  bit-packed codes plus fp16 (scale, zero) per group, W = (q - zero) * scale: any bit
+              width and group size (8-bit, 2-bit in groups of 16, shapes int4pack cannot take).
+Every format's parameters are refitted after rounding to their storage dtype, so what is stored
+is what the error was measured on.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import torch
+
+from .errors import MoeOffloadError
+
+INT4PACK_GROUPS = (32, 64, 128, 256)
+
+
+@dataclass
+class QMatrix:
+    fmt: str
+    n: int
+    k: int
+    bits: int
+    group: int
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def meta(self) -> dict:
+        return {"fmt": self.fmt, "n": self.n, "k": self.k, "bits": self.bits, "group": self.group}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+# ---------------------------------------------------------------- choosing a format
+
+def int4pack_available() -> bool:
+    return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and hasattr(
+        torch.ops.aten, "_convert_weight_to_int4pack_for_cpu")
+
+
+def effective_group(k: int, group: int) -> int:
+    """The requested group, halved until it divides the input dimension."""
+    g = group
+    while k % g:
+        g //= 2
+    if g < 8:
+        raise MoeOffloadError(f"cannot quantize a matrix with input size {k}: it must be a multiple of 8")
+    return g
+
+
+def choose_format(n: int, k: int, bits: int, group: int) -> tuple[str, int]:
+    if bits == 16:
+        return "dense", 0
+    g = effective_group(k, group)
+    if bits <= 4 and g in INT4PACK_GROUPS and n % 16 == 0 and int4pack_available():
+        return "int4pack", g
+    return "grouped", g
+
+
+# ---------------------------------------------------------------- quantizing
+
+def hqq_codes(w: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """HQQ's half-quadratic optimizer -> codes [R, g], scale [R, 1], offset [R, 1] with W ~ q*scale + offset."""
+    from hqq.core.quantize import Quantizer  # imported here: slow to import, only convert needs it
+
+    wq, meta = Quantizer.quantize(w.float(), nbits=bits, group_size=group, optimize=True, axis=1,
+                                  bitpack=False, compute_dtype=torch.float32, device="cpu")
+    scale = meta["scale"].float().reshape(-1, 1)
+    return wq.float().reshape(-1, group), scale, -meta["zero"].float().reshape(-1, 1) * scale
+
+
+def minmax_codes(w: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = w.float().reshape(-1, group)
+    lo, hi = g.min(1, keepdim=True).values, g.max(1, keepdim=True).values
+    scale = torch.where(hi > lo, (hi - lo) / (2**bits - 1), torch.ones_like(hi))
+    return ((g - lo) / scale).round().clamp(0, 2**bits - 1), scale, lo
+
+
+def _round_int4pack(a, b):
+    """Round (scale, offset) to what int4pack stores: bf16 scale and bf16 zero = offset + 8*scale."""
+    s = a.to(torch.bfloat16).float()
+    s = torch.where(s > 0, s, torch.full_like(s, 2.0**-20))
+    z = (b + 8 * s).to(torch.bfloat16).float()
+    return s, z - 8 * s
+
+
+def _round_grouped(a, b):
+    """Round (scale, offset) to what "grouped" stores: fp16 scale and fp16 code-domain zero."""
+    s = a.to(torch.float16).float()
+    s = torch.where(s > 0, s, torch.full_like(s, 2.0**-14))
+    z = (-b / s).to(torch.float16).float()
+    return s, -z * s
+
+
+def refit(w, q, a, b, qmax, round_params, iters: int = 3):
+    """Re-round codes against the storable parameters, then a few least-squares updates of
+    (scale, offset); each group keeps its best fit, so the result is never worse than the start."""
+    a, b = round_params(a, b)
+    q = ((w - b) / a).round().clamp(0, qmax)
+    best_q, best_a, best_b = q, a, b
+    best_err = ((q * a + b - w) ** 2).sum(1, keepdim=True)
+    for _ in range(iters):
+        qm, wm = q.mean(1, keepdim=True), w.mean(1, keepdim=True)
+        var = ((q - qm) ** 2).sum(1, keepdim=True)
+        cov = ((q - qm) * (w - wm)).sum(1, keepdim=True)
+        a_new = torch.where((var > 0) & (cov > 0), cov / var.clamp_min(1e-30), a)
+        a, b = round_params(a_new, wm - a_new * qm)
+        q = ((w - b) / a).round().clamp(0, qmax)
+        err = ((q * a + b - w) ** 2).sum(1, keepdim=True)
+        better = err < best_err
+        best_q = torch.where(better, q, best_q)
+        best_a, best_b = torch.where(better, a, best_a), torch.where(better, b, best_b)
+        best_err = torch.minimum(err, best_err)
+    return best_q, best_a, best_b
+
+
+def quantize(w: torch.Tensor, bits: int, group: int, *, optimize: bool = True) -> QMatrix:
+    """W [N, K] -> QMatrix in the fastest format its shape allows."""
+    n, k = w.shape
+    fmt, g = choose_format(n, k, bits, group)
+    if fmt == "dense":
+        return QMatrix("dense", n, k, 16, 0, {"weight": w.contiguous()})
+    qmax = 2**bits - 1
+    if bits <= 4 and optimize:
+        q, a, b = hqq_codes(w, bits, g)
+    else:
+        q, a, b = minmax_codes(w, bits, g)
+    wg = w.float().reshape(-1, g)
+    if fmt == "int4pack":
+        q, s, off = refit(wg, q, a, b, qmax, _round_int4pack)
+        zero = off + 8 * s
+        pairs = torch.stack([s.reshape(n, k // g), zero.reshape(n, k // g)], -1)  # [N, G, 2]
+        codes = q.reshape(n, k).to(torch.int32)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
+        return QMatrix(fmt, n, k, bits, g, {"packed": packed.contiguous(),
+                                            "scales_zeros": pairs.transpose(0, 1).contiguous().to(torch.bfloat16)})
+    q, s, off = refit(wg, q, a, b, qmax, _round_grouped)
+    zero = -off / s
+    return QMatrix(fmt, n, k, bits, g, {
+        "codes": pack_codes(q.reshape(n, k).to(torch.uint8), bits),
+        "scale": s.reshape(n, k // g).to(torch.float16),
+        "zero": zero.reshape(n, k // g).to(torch.float16)})
+
+
+# ---------------------------------------------------------------- bit packing ("grouped" format)
+
+def storage_bits(bits: int) -> int:
+    """3-bit codes are stored in 4-bit fields: byte-aligned and cheap to unpack."""
+    return {2: 2, 3: 4, 4: 4, 8: 8}[bits]
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 codes [N, K] -> [N, K * sb / 8], the first code in the lowest bits of each byte."""
+    sb = storage_bits(bits)
+    per_byte = 8 // sb
+    n, k = codes.shape
+    c = codes.reshape(n, k // per_byte, per_byte).to(torch.int32)
+    shifts = torch.arange(per_byte, dtype=torch.int32) * sb
+    return (c << shifts).sum(-1).to(torch.uint8)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
+    sb = storage_bits(bits)
+    per_byte = 8 // sb
+    shifts = torch.arange(per_byte, dtype=torch.int32) * sb
+    c = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & (2**sb - 1)
+    return c.reshape(packed.shape[0], k).to(torch.uint8)
+
+
+# ---------------------------------------------------------------- torch's int4pack layout
+
+@lru_cache(maxsize=64)
+def _int4pack_source_index(n: int, k: int) -> torch.Tensor:
+    """For each nibble of torch's packed layout, the flat [N, K] index of the code it holds.
+
+    torch's CPU layout depends on the vector width it was built for, so it is probed, not assumed:
+    pack the digits (base 16) of every element's own index and read them back."""
+    flat = torch.arange(n * k, dtype=torch.int64)
+    source = torch.zeros(n * k, dtype=torch.int64)
+    for digit in range(max(1, math.ceil(math.log(n * k, 16)))):
+        codes = ((flat >> (4 * digit)) & 15).to(torch.int32).reshape(n, k)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2).reshape(-1)
+        nibbles = torch.stack([packed & 15, packed >> 4], -1).reshape(-1).to(torch.int64)
+        source |= nibbles << (4 * digit)
+    return source
+
+
+def unpack_int4pack(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    nibbles = torch.stack([packed.reshape(-1) & 15, packed.reshape(-1) >> 4], -1).reshape(-1)
+    codes = torch.empty(n * k, dtype=torch.uint8)
+    codes[_int4pack_source_index(n, k)] = nibbles
+    return codes.reshape(n, k)
+
+
+def int4pack_layout_id() -> str:
+    """A fingerprint of this machine's int4pack layout: stores record it, loads check it."""
+    if not int4pack_available():
+        return "unavailable"
+    h = hashlib.sha256()
+    for n in (16, 48, 64, 128):
+        codes = (torch.arange(n * 64, dtype=torch.int32).reshape(n, 64) * 7919 >> 3) % 16
+        h.update(torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- reference dequantization
+
+def dequantize(m: QMatrix) -> torch.Tensor:
+    """The plain reference: W [N, K] in fp32, exactly as the stored parameters define it."""
+    t = m.tensors
+    if m.fmt == "dense":
+        return t["weight"].float()
+    groups = m.k // m.group
+    if m.fmt == "int4pack":
+        q = unpack_int4pack(t["packed"], m.n, m.k).float().reshape(m.n, groups, m.group)
+        sz = t["scales_zeros"].float().transpose(0, 1)  # [N, G, 2]
+        return ((q - 8) * sz[..., :1] + sz[..., 1:]).reshape(m.n, m.k)
+    if m.fmt == "grouped":
+        q = unpack_codes(t["codes"], m.bits, m.k).float().reshape(m.n, groups, m.group)
+        s, z = t["scale"].float().unsqueeze(-1), t["zero"].float().unsqueeze(-1)
+        return ((q - z) * s).reshape(m.n, m.k)
+    raise MoeOffloadError(f"unknown weight format {m.fmt!r}")

@@ -1,0 +1,120 @@
+"""The one statistics object: what the CLI prints, the API returns and the server exports."""
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process (VmHWM; reset by OffloadStats.reset where allowed)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class OffloadStats:
+    """Counters updated by the cache, loader, prefetcher and model hooks; derived rates on read."""
+
+    def __init__(self, num_layers: int, cache_slots: int = 0):
+        self.num_layers = num_layers
+        self.cache_slots = cache_slots
+        self._lock = threading.Lock()
+        self.resident = lambda: 0  # set by the cache: how many experts are resident now
+        self.reset()
+
+    def reset(self) -> None:
+        with self._lock:
+            self.tokens_prefill = self.tokens_decode = 0
+            self.seconds_prefill = self.seconds_decode = 0.0
+            self.hits = [0] * self.num_layers
+            self.misses = [0] * self.num_layers
+            self.evictions = 0
+            self.prefetch_guesses = 0  # experts guessed
+            self.prefetch_correct = 0  # guessed experts that the layer then used
+            self.prefetch_needed = 0  # experts used by layers for which a guess was made
+            self.prefetch_loads = 0  # guesses that started a read
+            self.bytes_read: dict[str, int] = defaultdict(int)
+            self.loads = 0
+            self.stall_seconds = 0.0
+        try:  # restart the peak-RSS watermark (Linux); harmless where not allowed
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            pass
+
+    def add(self, **counts) -> None:
+        with self._lock:
+            for name, value in counts.items():
+                setattr(self, name, getattr(self, name) + value)
+
+    def record_access(self, layer: int, hit: bool) -> None:
+        with self._lock:
+            (self.hits if hit else self.misses)[layer] += 1
+
+    def record_read(self, tier: str, nbytes: int) -> None:
+        with self._lock:
+            self.bytes_read[tier] += nbytes
+            self.loads += 1
+
+    @property
+    def hit_rate(self) -> float:
+        total = sum(self.hits) + sum(self.misses)
+        return sum(self.hits) / total if total else 0.0
+
+    def as_dict(self) -> dict:
+        with self._lock:
+            hits, misses = sum(self.hits), sum(self.misses)
+            return {
+                "tokens_prefill": self.tokens_prefill,
+                "tokens_decode": self.tokens_decode,
+                "seconds_prefill": round(self.seconds_prefill, 4),
+                "seconds_decode": round(self.seconds_decode, 4),
+                "prefill_tokens_per_s": _rate(self.tokens_prefill, self.seconds_prefill),
+                "decode_tokens_per_s": _rate(self.tokens_decode, self.seconds_decode),
+                "hits": hits,
+                "misses": misses,
+                "hit_rate": round(hits / (hits + misses), 4) if hits + misses else 0.0,
+                "hits_per_layer": list(self.hits),
+                "misses_per_layer": list(self.misses),
+                "evictions": self.evictions,
+                "prefetch_guesses": self.prefetch_guesses,
+                "prefetch_loads": self.prefetch_loads,
+                "prefetch_precision": _ratio(self.prefetch_correct, self.prefetch_guesses),
+                "prefetch_recall": _ratio(self.prefetch_correct, self.prefetch_needed),
+                "loads": self.loads,
+                "bytes_read": dict(self.bytes_read),
+                "stall_seconds": round(self.stall_seconds, 4),
+                "peak_rss_bytes": peak_rss_bytes(),
+                "resident_experts": self.resident(),
+                "cache_slots": self.cache_slots,
+            }
+
+    def summary(self) -> str:
+        """A few readable lines for the terminal."""
+        d = self.as_dict()
+        read = sum(d["bytes_read"].values())
+        return "\n".join([
+            f"prefill: {d['tokens_prefill']} tokens at {d['prefill_tokens_per_s']:.1f} tok/s   "
+            f"decode: {d['tokens_decode']} tokens at {d['decode_tokens_per_s']:.2f} tok/s",
+            f"expert cache: {d['resident_experts']}/{d['cache_slots']} slots used, hit rate {d['hit_rate']:.3f} "
+            f"({d['hits']} hits, {d['misses']} misses, {d['evictions']} evictions)",
+            f"prefetch: precision {d['prefetch_precision']:.3f}, recall {d['prefetch_recall']:.3f} "
+            f"({d['prefetch_guesses']} guesses, {d['prefetch_loads']} loads started)",
+            f"read {read / 2**20:.1f} MiB in {d['loads']} loads, stalled {d['stall_seconds']:.3f} s, "
+            f"peak RSS {d['peak_rss_bytes'] / 2**20:.0f} MiB",
+        ])
+
+
+def _rate(n: float, seconds: float) -> float:
+    return round(n / seconds, 3) if seconds > 0 else 0.0
+
+
+def _ratio(a: float, b: float) -> float:
+    return round(a / b, 4) if b else 0.0

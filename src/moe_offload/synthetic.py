@@ -1,0 +1,91 @@
+"""Random Mixtral-architecture checkpoints and offline-trained tokenizers.
+
+No model can be downloaded here, so the demo, the benchmarks and the tests build their own:
+transformers' MixtralForCausalLM with random weights, saved with save_pretrained, and a byte-level
+BPE tokenizer trained on text that ships with Python itself, with a Mixtral-style chat template.
+"""
+from __future__ import annotations
+
+import sysconfig
+from pathlib import Path
+
+import torch
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] + '\n\n' }}"
+    "{% elif message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% else %}{{ ' ' + message['content'] + eos_token }}{% endif %}{% endfor %}"
+)
+
+# name -> MixtralConfig fields; "quarter" is Mixtral-8x7B at a quarter of its width.
+SHAPES = {
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, vocab_size=1000),
+    "small": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
+                  num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, vocab_size=32000),
+    "quarter": dict(hidden_size=1024, intermediate_size=3584, num_hidden_layers=32, num_attention_heads=8,
+                    head_dim=128, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,
+                    vocab_size=32000),
+}
+
+
+def _corpus(max_bytes: int) -> list[str]:
+    """Text every Python installation has: the standard library's own sources."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    out, total = [], 0
+    for f in sorted(root.glob("*.py")):
+        text = f.read_text(encoding="utf-8", errors="ignore")
+        out.append(text)
+        total += len(text)
+        if total >= max_bytes:
+            break
+    return out
+
+
+def build_tokenizer(dst: str | Path, vocab_size: int = 1000, corpus_bytes: int = 2_000_000):
+    """Train a byte-level BPE tokenizer offline and save it (with a chat template) into dst."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_corpus(corpus_bytes), trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   chat_template=CHAT_TEMPLATE)
+    fast.save_pretrained(dst)
+    return fast
+
+
+def mixtral_config(shape: str | dict = "tiny", **overrides):
+    from transformers import MixtralConfig
+
+    fields = dict(SHAPES[shape]) if isinstance(shape, str) else dict(shape)
+    fields.update(overrides)
+    fields.setdefault("max_position_embeddings", 4096)
+    fields.setdefault("bos_token_id", 1)
+    fields.setdefault("eos_token_id", 2)
+    return MixtralConfig(**fields)
+
+
+def build_random_mixtral(dst: str | Path, shape: str | dict = "tiny", *, seed: int = 0,
+                         dtype: torch.dtype | None = None, tokenizer: bool = True, **overrides) -> Path:
+    """Save a MixtralForCausalLM with random weights (and a tokenizer) into dst; returns dst."""
+    from transformers import MixtralForCausalLM
+
+    dst = Path(dst)
+    config = mixtral_config(shape, **overrides)
+    if dtype is None:
+        dtype = torch.float32 if config.hidden_size < 256 else torch.bfloat16
+    torch.manual_seed(seed)
+    model = MixtralForCausalLM(config).to(dtype)
+    model.generation_config.pad_token_id = config.eos_token_id
+    model.save_pretrained(dst)
+    del model
+    if tokenizer:
+        build_tokenizer(dst, vocab_size=min(config.vocab_size, 8000))
+    return dst
