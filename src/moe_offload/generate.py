@@ -14,9 +14,9 @@ def generate_text(store: str | os.PathLike, prompt: str, *, chat: bool = False, 
     """Generate from one prompt; streams to stdout if asked. Returns text, statistics and a summary."""
     from transformers import AutoTokenizer, TextStreamer
 
-    tokenizer = AutoTokenizer.from_pretrained(store, local_files_only=True)
-    model = load(store, **load_kwargs)
+    model = load(store, **load_kwargs)  # first: it checks the store and says what is wrong with it
     try:
+        tokenizer = AutoTokenizer.from_pretrained(store, local_files_only=True)
         if chat:
             ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                                 return_tensors="pt", return_dict=True)["input_ids"]

@@ -1,0 +1,44 @@
+"""The command line as a user meets it."""
+import json
+
+import pytest
+
+from conftest import run_cli
+
+
+@pytest.mark.parametrize("command", ["convert", "generate", "verify", "demo"])
+def test_every_command_has_help(command):
+    result = run_cli(command, "--help")
+    assert result.returncode == 0
+    assert "usage: moe-offload " + command in result.stdout
+
+
+def test_generate_json(tiny_store4):
+    result = run_cli("generate", tiny_store4, "--prompt", "def main():", "--max-new-tokens", "12", "--json",
+                     "--experts-per-layer", "2")
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert 1 <= out["completion_tokens"] <= 12 and isinstance(out["text"], str)
+    stats = out["stats"]
+    assert stats["tokens_decode"] == out["completion_tokens"] - 1
+    assert stats["tokens_prefill"] == out["prompt_tokens"]
+    assert 0 <= stats["hit_rate"] <= 1 and stats["cache_slots"] == 4
+
+
+def test_generate_streams_then_prints_statistics(tiny_store4):
+    result = run_cli("generate", tiny_store4, "--prompt", "hello", "--chat", "--max-new-tokens", "8",
+                     "--temperature", "0.8", "--top-p", "0.9", "--seed", "3")
+    assert result.returncode == 0, result.stderr
+    assert "hit rate" in result.stderr and "decode:" in result.stderr
+
+
+def test_convert_and_verify(tiny_src, tmp_path):
+    result = run_cli("convert", tiny_src, tmp_path / "st", "--expert-bits", "3", "--dense-bits", "8")
+    assert result.returncode == 0, result.stderr
+    assert "converting experts" in result.stderr  # the progress bar
+    manifest = json.loads((tmp_path / "st" / "manifest.json").read_text())
+    assert manifest["quant"]["expert_bits"] == 3 and manifest["quant"]["dense_bits"] == 8
+    assert (tmp_path / "st" / "tokenizer.json").is_file()
+    assert all(b["offset"] % 4096 == 0 and b["size"] % 4096 == 0 for b in manifest["blobs"]["0"])
+    result = run_cli("verify", tmp_path / "st")
+    assert result.returncode == 0 and "check out" in result.stdout

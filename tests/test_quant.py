@@ -1,0 +1,115 @@
+"""Kernels against the reference dequantization; our HQQ against the hqq library; quantized models
+against transformers running our dequantized weights."""
+import pytest
+import torch
+from transformers import MixtralForCausalLM
+
+import moe_offload
+from moe_offload import kernels, quant
+from moe_offload.store import Store
+
+# (N, K, bits, group): every format, edge sizes, N not a multiple of 16, K not a multiple of the group.
+SHAPES = [(64, 128, 4, 64), (48, 96, 3, 64), (32, 64, 2, 16), (128, 256, 2, 32), (1003, 96, 4, 64),
+          (64, 80, 8, 64), (16, 32, 4, 32), (17, 40, 3, 64), (256, 512, 4, 128), (96, 64, 2, 64), (32, 2048, 4, 256)]
+
+
+@pytest.mark.parametrize("n,k,bits,group", SHAPES)
+def test_kernel_matches_reference(n, k, bits, group):
+    w = torch.randn(n, k)
+    m = quant.quantize(w, bits, group)
+    assert m.k % m.group == 0
+    w_ref = quant.dequantize(m)
+    for batch in (1, 3, 33):
+        x = torch.randn(batch, k)
+        y, ref = kernels.linear(x, m), x @ w_ref.t()
+        # int4pack computes with bf16 activations: relative error of a few 1e-3; others are exact.
+        tol = 2e-2 if m.fmt == "int4pack" else 1e-5
+        assert (y - ref).abs().max() <= tol * ref.abs().max(), (m.fmt, batch)
+        with kernels.use_reference():
+            assert torch.allclose(kernels.linear(x, m), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_format_choice():
+    assert quant.choose_format(64, 128, 4, 64) == ("int4pack", 64)
+    assert quant.choose_format(1003, 128, 4, 64) == ("grouped", 64)  # int4pack needs N % 16 == 0
+    assert quant.choose_format(64, 96, 4, 64) == ("int4pack", 32)  # group halves until it divides K
+    assert quant.choose_format(64, 128, 2, 16) == ("grouped", 16)
+    assert quant.choose_format(64, 128, 8, 64) == ("grouped", 64)
+    assert quant.choose_format(64, 128, 16, 64) == ("dense", 0)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_pack_unpack_roundtrip(bits):
+    codes = torch.randint(0, 2**bits, (13, 64), dtype=torch.uint8)
+    assert torch.equal(quant.unpack_codes(quant.pack_codes(codes, bits), bits, 64), codes)
+
+
+@pytest.mark.parametrize("n,k", [(16, 32), (48, 64), (64, 128), (80, 256), (1024, 64)])
+def test_int4pack_unpack_roundtrip(n, k):
+    codes = torch.randint(0, 16, (n, k), dtype=torch.int32)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
+    assert torch.equal(quant.unpack_int4pack(packed, n, k), codes.to(torch.uint8))
+
+
+@pytest.mark.parametrize("bits,group", [(4, 64), (3, 64), (2, 16), (2, 32), (4, 32)])
+def test_hqq_error_no_worse_than_hqq_library(bits, group):
+    from hqq.core.quantize import Quantizer
+
+    torch.manual_seed(bits * 100 + group)
+    w = torch.randn(256, 512)
+    ours = quant.dequantize(quant.quantize(w, bits, group))
+    wq, meta = Quantizer.quantize(w, nbits=bits, group_size=group, optimize=True, axis=1, device="cpu",
+                                  compute_dtype=torch.float32)
+    theirs = Quantizer.dequantize(wq, meta).reshape(w.shape).float()
+    err_ours = ((ours - w).norm() / w.norm()).item()
+    err_theirs = ((theirs - w).norm() / w.norm()).item()
+    assert err_ours <= err_theirs, (err_ours, err_theirs)
+
+
+def _dequantized_reference(src, store_path, model):
+    """transformers' Mixtral with every weight replaced by what our store holds, dequantized."""
+    ref = MixtralForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    store = Store.open(store_path)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if type(module).__name__ == "QuantLinear":
+                ref.get_submodule(name).weight.copy_(quant.dequantize(module.qmatrix()))
+        with open(store.path / "experts.bin", "rb") as f:
+            for layer in store.moe_layers:
+                experts = ref.model.layers[layer].mlp.experts
+                for e in range(store.num_experts):
+                    b = store.blob(layer, e)
+                    f.seek(b["offset"])
+                    blob = torch.frombuffer(bytearray(f.read(b["size"])), dtype=torch.uint8)
+                    views = store.layout.views(blob)
+                    experts.gate_up_proj[e].copy_(quant.dequantize(views["gate_up"]))
+                    experts.down_proj[e].copy_(quant.dequantize(views["down"]))
+    return ref
+
+
+@pytest.mark.parametrize("expert_bits,dense_bits", [(4, 4), (3, 8), (2, 4), (8, 16)])
+def test_quantized_model_matches_transformers_on_dequantized_weights(tiny_src, tmp_path, expert_bits, dense_bits):
+    store = moe_offload.convert(tiny_src, tmp_path / "s", expert_bits=expert_bits, dense_bits=dense_bits,
+                                progress=False)
+    model = moe_offload.load(store, experts_per_layer=2)
+    try:
+        ref = _dequantized_reference(tiny_src, store, model)
+        ids = torch.randint(0, 1000, (1, 9))
+        with torch.no_grad():
+            expected = ref(ids).logits
+            with kernels.use_reference():
+                exact = model(ids).logits
+            fast = model(ids).logits
+        assert (exact - expected).abs().max() <= 1e-4
+        # The fast kernels round activations to bf16: close, not bit-equal; a near-tie in a router can
+        # flip an expert choice for a token, so the bound holds for the typical position.
+        per_position = (fast - expected).abs().amax(-1).flatten()
+        assert per_position.median() <= 1e-2 * expected.abs().max()
+    finally:
+        model.close()
+
+
+def test_quantized_store_is_smaller(tiny_store16, tiny_store4):
+    size16 = (tiny_store16 / "experts.bin").stat().st_size
+    size4 = (tiny_store4 / "experts.bin").stat().st_size
+    assert size4 * 3 < size16
