@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bits per expert weight; 16 keeps the source dtype (default 4)")
     p.add_argument("--dense-bits", type=int, choices=[4, 8, 16], default=4,
                    help="bits per weight of attention projections and lm_head (default 4)")
-    p.add_argument("--group-size", type=int, help="quantization group size (default: 64, 16 for 2-bit)")
+    p.add_argument("--group-size", type=int, help="quantization group size (default: 64; 16 for 2-bit; 8-bit: per output channel)")
     p.add_argument("--force", action="store_true", help="replace DST if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_convert)

@@ -8,8 +8,10 @@ from .errors import MoeOffloadError
 
 EXPERT_BITS = (2, 3, 4, 8, 16)
 DENSE_BITS = (4, 8, 16)
-# The paper's settings: 4-bit and 3-bit in groups of 64, 2-bit in groups of 16.
-DEFAULT_GROUP = {2: 16, 3: 64, 4: 64, 8: 64}
+# The paper's settings: 4-bit and 3-bit in groups of 64, 2-bit in groups of 16. 8-bit defaults to
+# one scale per output channel (group 0), the layout torch's fused int8 GEMV reads; an explicit
+# group size keeps 8-bit per-group.
+DEFAULT_GROUP = {2: 16, 3: 64, 4: 64, 8: 0}
 POLICIES = ("lru",)
 SCOPES = ("layer", "global")
 
@@ -31,7 +33,7 @@ class QuantConfig:
             raise MoeOffloadError(f"group_size must be a power of two >= 8, got {self.group_size}")
 
     def group_for(self, bits: int) -> int:
-        return self.group_size or DEFAULT_GROUP.get(bits, 64)
+        return self.group_size if self.group_size is not None else DEFAULT_GROUP.get(bits, 64)
 
 
 @dataclass(frozen=True)

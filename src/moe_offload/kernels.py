@@ -43,6 +43,10 @@ def linear(x: torch.Tensor, m: QMatrix) -> torch.Tensor:
         x2 = x.reshape(-1, m.k).to(torch.bfloat16).contiguous()
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, m.tensors["packed"], m.group, m.tensors["scales_zeros"])
         return y.to(x.dtype).reshape(*x.shape[:-1], m.n)
+    if m.fmt == "int8":
+        x2 = x.reshape(-1, m.k).to(torch.bfloat16).contiguous()
+        y = torch.ops.aten._weight_int8pack_mm(x2, m.tensors["codes"], m.tensors["scale"])
+        return y.to(x.dtype).reshape(*x.shape[:-1], m.n)
     # "grouped": no fused kernel yet; dequantize in the activation dtype.
     return F.linear(x, dequantize(m).to(x.dtype))
 

@@ -4,8 +4,10 @@ A matrix W [N, K] (out, in) is stored in one of three formats, each a few flat t
 - "dense":    the weight itself, in the source dtype (16-bit stores).
 - "int4pack": codes of 2-4 bits in torch's CPU int4 layout plus bf16 (scale, zero) pairs per
               group, W = (q - 8) * scale + zero: the layout `aten._weight_int4pack_mm_for_cpu` reads.
+- "int8":     int8 codes with one bf16 scale per output channel, W = q * scale: the layout
+              `aten._weight_int8pack_mm` reads (8-bit, the default group 0).
 - "grouped":  bit-packed codes plus fp16 (scale, zero) per group, W = (q - zero) * scale: any bit
-              width and group size (8-bit, 2-bit in groups of 16, shapes int4pack cannot take).
+              width and group size (2-bit in groups of 16, 8-bit per group, shapes int4pack cannot take).
 Every format's parameters are refitted after rounding to their storage dtype, so what is stored
 is what the error was measured on.
 """
@@ -42,6 +44,10 @@ class QMatrix:
 
 # ---------------------------------------------------------------- choosing a format
 
+def int8pack_available() -> bool:
+    return hasattr(torch.ops.aten, "_weight_int8pack_mm")
+
+
 def int4pack_available() -> bool:
     return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and hasattr(
         torch.ops.aten, "_convert_weight_to_int4pack_for_cpu")
@@ -60,6 +66,8 @@ def effective_group(k: int, group: int) -> int:
 def choose_format(n: int, k: int, bits: int, group: int) -> tuple[str, int]:
     if bits == 16:
         return "dense", 0
+    if bits == 8 and group == 0:
+        return ("int8" if int8pack_available() else "grouped"), (0 if int8pack_available() else effective_group(k, 64))
     g = effective_group(k, group)
     if bits <= 4 and g in INT4PACK_GROUPS and n % 16 == 0 and int4pack_available():
         return "int4pack", g
@@ -129,6 +137,8 @@ def quantize(w: torch.Tensor, bits: int, group: int, *, optimize: bool = True) -
     fmt, g = choose_format(n, k, bits, group)
     if fmt == "dense":
         return QMatrix("dense", n, k, 16, 0, {"weight": w.contiguous()})
+    if fmt == "int8":
+        return _quantize_int8(w)
     qmax = 2**bits - 1
     if bits <= 4 and optimize:
         q, a, b = hqq_codes(w, bits, g)
@@ -149,6 +159,29 @@ def quantize(w: torch.Tensor, bits: int, group: int, *, optimize: bool = True) -
         "codes": pack_codes(q.reshape(n, k).to(torch.uint8), bits),
         "scale": s.reshape(n, k // g).to(torch.float16),
         "zero": zero.reshape(n, k // g).to(torch.float16)})
+
+
+def _quantize_int8(w: torch.Tensor) -> QMatrix:
+    """Symmetric per-channel int8; the bf16 scale is refitted by least squares, best kept per row."""
+    w = w.float()
+    n, k = w.shape
+    amax = w.abs().amax(1, keepdim=True).clamp_min(1e-12)
+    best_s, best_q, best_err = None, None, None
+    for s in (amax / 127, None):
+        if s is None:  # least-squares scale for the codes of the first pass
+            s = (best_q * w).sum(1, keepdim=True) / (best_q * best_q).sum(1, keepdim=True).clamp_min(1)
+            s = torch.where(s > 0, s, amax / 127)
+        s = s.to(torch.bfloat16).float()
+        q = (w / s).round().clamp(-127, 127)
+        err = ((q * s - w) ** 2).sum(1, keepdim=True)
+        if best_err is None:
+            best_s, best_q, best_err = s, q, err
+        else:
+            better = err < best_err
+            best_s, best_q = torch.where(better, s, best_s), torch.where(better, q, best_q)
+            best_err = torch.minimum(err, best_err)
+    return QMatrix("int8", n, k, 8, 0, {"codes": best_q.to(torch.int8).contiguous(),
+                                        "scale": best_s.reshape(n).to(torch.bfloat16)})
 
 
 # ---------------------------------------------------------------- bit packing ("grouped" format)
@@ -219,6 +252,8 @@ def dequantize(m: QMatrix) -> torch.Tensor:
     t = m.tensors
     if m.fmt == "dense":
         return t["weight"].float()
+    if m.fmt == "int8":
+        return t["codes"].float() * t["scale"].float().unsqueeze(1)
     groups = m.k // m.group
     if m.fmt == "int4pack":
         q = unpack_int4pack(t["packed"], m.n, m.k).float().reshape(m.n, groups, m.group)

@@ -27,7 +27,7 @@ EXPERTS_FILE = "experts.bin"
 ALIGN = 4096  # blobs start and end on page boundaries: O_DIRECT reads, one read per expert
 TENSOR_ALIGN = 64
 
-DTYPES = {"uint8": torch.uint8, "int32": torch.int32, "float16": torch.float16,
+DTYPES = {"uint8": torch.uint8, "int8": torch.int8, "int32": torch.int32, "float16": torch.float16,
           "bfloat16": torch.bfloat16, "float32": torch.float32}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
