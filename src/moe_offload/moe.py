@@ -25,10 +25,20 @@ class OffloadedExperts(nn.Module):
         if rt.prefetcher is not None and residual is not None:
             rt.prefetcher.guess(self.layer, residual)  # reads start before this layer computes
         out = torch.zeros_like(hidden_states)
-        used = torch.unique(top_k_index).tolist()
+        decode = hidden_states.shape[0] == 1
+        if decode:
+            # One token: no gather/scatter. index_add_ costs ~30x a plain add at this size (measured).
+            weight_of = dict(zip(top_k_index[0].tolist(), top_k_weights[0].tolist()))
+            used = sorted(weight_of)
+        else:
+            used = torch.unique(top_k_index).tolist()
         if rt.prefetcher is not None:
             rt.prefetcher.score(self.layer, set(used))
         for expert, weights in rt.cache.stream(self.layer, used):
+            if decode:
+                y = kernels.expert_forward(hidden_states, weights["gate_up"], weights["down"], self.act_fn)
+                out += (y * weight_of[expert]).to(out.dtype)
+                continue
             token_idx, k_pos = torch.where(top_k_index == expert)
             y = kernels.expert_forward(hidden_states[token_idx], weights["gate_up"], weights["down"], self.act_fn)
             y = y * top_k_weights[token_idx, k_pos, None]
