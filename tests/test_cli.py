@@ -6,7 +6,7 @@ import pytest
 from conftest import run_cli
 
 
-@pytest.mark.parametrize("command", ["convert", "generate", "verify", "demo"])
+@pytest.mark.parametrize("command", ["convert", "generate", "verify", "demo", "serve", "chat"])
 def test_every_command_has_help(command):
     result = run_cli(command, "--help")
     assert result.returncode == 0
