@@ -47,9 +47,9 @@ def cmd_verify(args) -> None:
 
 
 def cmd_generate(args) -> None:
-    from .generate import generate_text
+    from .generate import generate_once
 
-    result = generate_text(args.store, args.prompt, chat=args.chat, max_new_tokens=args.max_new_tokens,
+    result = generate_once(args.store, args.prompt, chat=args.chat, max_new_tokens=args.max_new_tokens,
                            temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                            stream=not args.json, **load_kwargs(args))
     if args.json:

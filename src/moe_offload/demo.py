@@ -17,7 +17,7 @@ ROWS = [("decode tok/s", "decode_tokens_per_s", "{:.2f}"), ("prefill tok/s", "pr
 
 def run_demo(workdir: str | Path = ".demo", max_new_tokens: int = 48) -> dict:
     from . import convert
-    from .generate import generate_text
+    from .generate import generate_once
     from .store import Store
     from .synthetic import build_random_mixtral
 
@@ -36,7 +36,7 @@ def run_demo(workdir: str | Path = ".demo", max_new_tokens: int = 48) -> dict:
     for name, kwargs in (("offloaded (1/4 of experts cached)", {}),
                          ("all experts resident", {"experts_per_layer": experts, "prefetch": 0})):
         print(f"\n=== {name} ===", file=sys.stderr)
-        runs[name] = generate_text(store, PROMPT, chat=True, max_new_tokens=max_new_tokens, **kwargs)
+        runs[name] = generate_once(store, PROMPT, chat=True, max_new_tokens=max_new_tokens, **kwargs)
         print(file=sys.stderr)
     print("\n(the weights are random, so the text is gibberish; the numbers are what matter)\n")
     names = list(runs)

@@ -1,36 +1,34 @@
-"""Text generation with an offloaded model: the one function the CLI's generate calls."""
+"""`moe-offload generate` and the demo: one prompt through the shared generation engine."""
 from __future__ import annotations
 
 import os
+import sys
 
-import torch
-
+from .engine import SamplingParams, chat_prompt_ids, generate_text
 from .model import load
 
 
-def generate_text(store: str | os.PathLike, prompt: str, *, chat: bool = False, max_new_tokens: int = 64,
+def generate_once(store: str | os.PathLike, prompt: str, *, chat: bool = False, max_new_tokens: int = 64,
                   temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, stream: bool = True,
                   **load_kwargs) -> dict:
-    """Generate from one prompt; streams to stdout if asked. Returns text, statistics and a summary."""
-    from transformers import AutoTokenizer, TextStreamer
+    """Load, generate from one prompt (streaming to stdout if asked), close. Returns text and statistics."""
+    from transformers import AutoTokenizer
 
     model = load(store, **load_kwargs)  # first: it checks the store and says what is wrong with it
     try:
         tokenizer = AutoTokenizer.from_pretrained(store, local_files_only=True)
         if chat:
-            ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                                return_tensors="pt", return_dict=True)["input_ids"]
+            ids = chat_prompt_ids(tokenizer, [{"role": "user", "content": prompt}])
         else:
-            ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
-        if seed is not None:
-            torch.manual_seed(seed)
-        sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
-        streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             streamer=streamer, pad_token_id=tokenizer.eos_token_id, **sampling)
-        new = out[0, ids.shape[1]:]
+            ids = tokenizer(prompt).input_ids
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+        on_text = (lambda delta: print(delta, end="", flush=True)) if stream else None
+        result = generate_text(model, tokenizer, ids, params, on_text=on_text)
+        if stream:
+            print(file=sys.stdout, flush=True)
         stats = model.offload_stats()
-        return {"text": tokenizer.decode(new, skip_special_tokens=True), "prompt_tokens": ids.shape[1],
-                "completion_tokens": int(new.numel()), "stats": stats.as_dict(), "summary": stats.summary()}
+        return {"text": result.text, "prompt_tokens": result.prompt_tokens,
+                "completion_tokens": result.completion_tokens, "finish_reason": result.finish_reason,
+                "stats": stats.as_dict(), "summary": stats.summary()}
     finally:
         model.close()
