@@ -173,3 +173,28 @@ def test_failed_load_is_forgotten_and_raised():
         raise AssertionError("the failed read was not raised")
     assert not cache.residency
     cache.check_invariants()
+
+
+def test_a_guess_never_evicts_the_experts_of_the_latest_step():
+    stats = OffloadStats(1)
+    loader = InstantLoader()
+    cache = ExpertCache([0], 2, BLOB, loader, stats)
+    list(cache.stream(0, [1, 2]))  # the pool now holds exactly the latest step's experts
+    assert cache.prefetch(0, [5]) == 0  # nothing may be evicted for a guess
+    assert cache.contains(0, 1) and cache.contains(0, 2)
+    list(cache.stream(0, [1]))  # expert 2 was not used by the latest step any more
+    assert cache.prefetch(0, [5]) == 1
+    assert cache.contains(0, 5) and cache.contains(0, 1) and not cache.contains(0, 2)
+
+
+def test_forget_frees_a_layers_slots():
+    stats = OffloadStats(2)
+    loader = InstantLoader()
+    cache = ExpertCache([0, 1], 3, BLOB, loader, stats, "global")  # one pool of 3 slots
+    list(cache.stream(0, [1, 2]))
+    list(cache.stream(1, [3]))
+    assert cache.forget(0) == 2
+    assert cache.resident() == [(1, 3)]
+    list(cache.stream(0, [1]))
+    assert stats.misses[0] == 3  # read again
+    cache.check_invariants()

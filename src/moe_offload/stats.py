@@ -105,8 +105,9 @@ class OffloadStats:
             f"decode: {d['tokens_decode']} tokens at {d['decode_tokens_per_s']:.2f} tok/s",
             f"expert cache: {d['resident_experts']}/{d['cache_slots']} slots used, hit rate {d['hit_rate']:.3f} "
             f"({d['hits']} hits, {d['misses']} misses, {d['evictions']} evictions)",
-            f"prefetch: precision {d['prefetch_precision']:.3f}, recall {d['prefetch_recall']:.3f} "
-            f"({d['prefetch_guesses']} guesses, {d['prefetch_loads']} loads started)",
+            (f"prefetch: precision {d['prefetch_precision']:.3f}, recall {d['prefetch_recall']:.3f} "
+             f"({d['prefetch_guesses']} guesses, {d['prefetch_loads']} loads started)" if d["prefetch_guesses"] else
+             "prefetch: no guesses (off, or the cache never had a slot a guess could take)"),
             f"read {read / 2**20:.1f} MiB in {d['loads']} loads, stalled {d['stall_seconds']:.3f} s, "
             f"peak RSS {d['peak_rss_bytes'] / 2**20:.0f} MiB",
         ])
