@@ -68,7 +68,7 @@ class OffloadRuntime:
         self.loader.close()
 
 
-def _slots_per_pool(store: Store, cfg: OffloadConfig) -> int:
+def slots_per_pool(store: Store, cfg: OffloadConfig) -> int:
     layers, experts, top_k, blob = store.num_layers, store.num_experts, store.top_k, store.blob_size
     budget = cfg.budget_bytes()
     pools = layers if cfg.cache_scope == "layer" else 1
@@ -110,7 +110,7 @@ def load(store: str | os.PathLike, *, device: str = "cpu", expert_cache: int | s
     if any(m["fmt"] == "int4pack" for m in _all_formats(st)) and st.manifest["int4pack_layout"] != int4pack_layout_id():
         raise MoeOffloadError(f"{st.path} was converted on a CPU whose int4 weight layout differs from this one's; "
                               "run `moe-offload convert` again on this machine")
-    per_pool = _slots_per_pool(st, cfg)
+    per_pool = slots_per_pool(st, cfg)
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)

@@ -1,0 +1,160 @@
+"""`moe-offload bench`: modes side by side on the tiny shape; numbers that must agree with each other."""
+import importlib.util
+import json
+
+import pytest
+
+from conftest import run_cli
+from moe_offload import bench
+from moe_offload.cli import main
+from moe_offload.errors import MoeOffloadError
+from moe_offload.store import Store
+
+HAS_ACCELERATE = importlib.util.find_spec("accelerate") is not None
+MODES = ["resident", "offload", "lru-only", "no-cache", "transformers"] + (["accelerate"] if HAS_ACCELERATE else [])
+PROMPTS, NEW_TOKENS = 2, 4
+# The per-mode keys docs/performance.md documents.
+MODE_KEYS = {"prefill_tokens", "prefill_tokens_per_s", "decode_tokens", "decode_tokens_per_s",
+             "long_prefill_tokens_per_s", "load_seconds", "peak_rss_bytes", "peak_rss_run_bytes", "disk_bytes_read",
+             "decode_disk_bytes_per_token", "decode_expert_bytes_per_token", "ram_bytes_per_token",
+             "dense_bytes_per_token", "active_expert_bytes_per_token", "hit_rate", "prefetch_precision",
+             "prefetch_recall", "expert_bytes_read", "stall_seconds", "roofline_tokens_per_s", "roofline_ratio",
+             "decode_disk_bytes_per_s",
+             "phases", "tokens", "match_transformers", "match_resident"}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One bench run on --shape tiny, every mode in this process (one fresh CLI process in all)."""
+    root = tmp_path_factory.mktemp("bench")
+    out = root / "bench.json"
+    proc = run_cli("bench", "--shape", "tiny", "--dir", root / "models", "--modes", ",".join(MODES),
+                   "--prompts", PROMPTS, "--max-new-tokens", NEW_TOKENS, "--in-process", "--json", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc, json.loads(out.read_text()), root
+
+
+def test_json_has_every_mode_and_the_documented_keys(tiny_run):
+    _, result, _ = tiny_run
+    assert list(result["modes"]) == MODES
+    for mode, r in result["modes"].items():
+        assert MODE_KEYS <= set(r), (mode, MODE_KEYS - set(r))
+        assert [len(t) for t in r["tokens"]] == [NEW_TOKENS] * PROMPTS, mode  # exactly N tokens per prompt
+        assert r["decode_tokens"] == PROMPTS * (NEW_TOKENS - 1), mode  # the first token comes from the prefill
+        assert r["decode_tokens_per_s"] > 0 and r["prefill_tokens_per_s"] > 0 and r["peak_rss_bytes"] > 0, mode
+        assert r["phases"]["long_prefill"]["tokens"] == bench.LONG_PREFILL, mode
+    assert result["roofline"]["ram_bytes_per_s"] > 1e8 and result["roofline"]["disk_bytes_per_s"] > 0
+    assert result["settings"]["isolation"] == "in-process"
+
+
+def test_cache_numbers_are_consistent(tiny_run):
+    _, result, _ = tiny_run
+    modes = result["modes"]
+    store = Store.open(result["store"])
+    # resident: warmed, so every access hits and nothing is read while generating
+    assert modes["resident"]["hit_rate"] == 1.0
+    assert modes["resident"]["expert_bytes_read"] == 0
+    assert modes["resident"]["phases"]["decode"]["expert_bytes"] == 0
+    # no-cache: every expert read for every use: top-k blobs per layer per decode token
+    assert modes["no-cache"]["hit_rate"] == 0.0
+    assert modes["no-cache"]["decode_expert_bytes_per_token"] == store.top_k * store.num_layers * store.blob_size
+    assert modes["no-cache"]["hit_rate"] < modes["offload"]["hit_rate"]
+    assert modes["no-cache"]["expert_bytes_read"] > modes["lru-only"]["expert_bytes_read"]
+    # prefetch statistics belong to the one mode that prefetches
+    assert 0 < modes["offload"]["prefetch_precision"] <= 1 and 0 < modes["offload"]["prefetch_recall"] <= 1
+    assert modes["lru-only"]["prefetch_precision"] is None
+    assert modes["transformers"]["hit_rate"] is None
+    # the same weights give the same greedy tokens, however the experts are cached
+    for mode in ("offload", "lru-only", "no-cache"):
+        assert modes[mode]["tokens"] == modes["resident"]["tokens"], mode
+        assert modes[mode]["match_resident"] == 1.0
+    if HAS_ACCELERATE:  # accelerate runs the very weights transformers runs
+        assert modes["accelerate"]["match_transformers"] == 1.0
+        assert modes["accelerate"]["disk_bytes_read"] > 0  # its offloaded weights came from disk
+
+
+def test_roofline_counts_the_bytes_a_token_reads(tiny_run):
+    _, result, _ = tiny_run
+    modes, roof = result["modes"], result["roofline"]
+    store = Store.open(result["store"])
+    r = modes["resident"]
+    assert r["ram_bytes_per_token"] == r["dense_bytes_per_token"] + r["active_expert_bytes_per_token"]
+    # the active experts are top-k of each layer's, a little less than k blobs (blobs are page-padded)
+    assert 0 < r["active_expert_bytes_per_token"] <= store.top_k * store.num_layers * store.blob_size
+    # the fp source reads more bytes per token than the 4-bit store
+    assert modes["transformers"]["ram_bytes_per_token"] > r["ram_bytes_per_token"]
+    ceiling = 1 / (r["ram_bytes_per_token"] / roof["ram_bytes_per_s"]
+                   + r["decode_disk_bytes_per_token"] / roof["disk_bytes_per_s"])
+    assert r["roofline_tokens_per_s"] == pytest.approx(ceiling, rel=1e-3)
+    assert r["roofline_ratio"] == pytest.approx(r["decode_tokens_per_s"] / ceiling, rel=1e-2, abs=1e-4)
+    nc = modes["no-cache"]["phases"]["decode"]
+    assert modes["no-cache"]["decode_disk_bytes_per_s"] == round(nc["disk_bytes"] / nc["seconds"])
+    names = [t["target"] for t in result["targets"]]
+    assert "resident decode / its roofline" in names and "offload / no-cache decode" in names
+
+
+def test_table_is_printed(tiny_run):
+    proc, result, _ = tiny_run
+    header = next(line for line in proc.stdout.splitlines() if line.startswith("|") and "resident" in line)
+    assert all(mode in header for mode in MODES)
+    for label in ("decode tok/s", "hit rate", "prefetch precision", "MiB read from disk", "% of roofline",
+                  "peak RSS MiB", "stall s"):
+        assert f"| {label}" in proc.stdout, label
+    assert "roofline: RAM read" in proc.stdout and "targets (issue #4)" in proc.stdout
+
+
+def test_one_process_per_mode(tiny_run):
+    """The default isolation: each mode in a fresh interpreter, results reported back as JSON lines."""
+    _, result, _ = tiny_run
+    out = bench.run_bench(result["store"], None, ["no-cache"], prompts=1, max_new_tokens=2)
+    assert out["settings"]["isolation"] == "one process per mode"
+    r = out["modes"]["no-cache"]
+    assert r["hit_rate"] == 0.0 and r["disk_bytes_read"] > 0 and r["peak_rss_bytes"] > 0
+    assert r["tokens"][0] == result["modes"]["resident"]["tokens"][0][:2]  # greedy: a prefix of the same text
+
+
+def test_plot(tiny_run, tmp_path):
+    pytest.importorskip("matplotlib")
+    _, result, _ = tiny_run
+    bench.plot(result, tmp_path / "bench.png")
+    assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_without_matplotlib_says_what_to_install(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    with pytest.raises(MoeOffloadError, match="pip install 'matplotlib"):
+        bench.plot({"modes": {}}, "x.png")
+
+
+def test_modes_parse_with_commas_or_spaces():
+    assert bench.parse_modes(["resident,offload", "no-cache"]) == ["resident", "offload", "no-cache"]
+    assert bench.parse_modes(None) == list(bench.MODES)
+    with pytest.raises(MoeOffloadError, match="unknown mode turbo: choose from resident"):
+        bench.parse_modes(["resident", "turbo"])
+
+
+def test_bad_input_gives_a_clear_error(tmp_path, capsys):
+    assert main(["bench"]) == 2
+    assert "give a STORE" in capsys.readouterr().err
+    assert main(["bench", str(tmp_path), "--shape", "tiny"]) == 2
+    assert "not both" in capsys.readouterr().err
+    assert main(["bench", "--shape", "tiny", "--prompts", "9"]) == 2
+    assert "--prompts must be between 1 and 4" in capsys.readouterr().err
+
+
+def test_cli_errors_without_traceback(tmp_path):
+    proc = run_cli("bench", tmp_path / "nowhere")
+    assert proc.returncode == 2 and "no such store" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_cli("bench", "--shape", "tiny", "--modes", "resident,fast")
+    assert proc.returncode == 2 and "unknown mode fast" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_hf_modes_need_the_source(tiny_run, tmp_path):
+    """A store whose source checkpoint is gone: asked-for HF modes fail clearly."""
+    _, result, _ = tiny_run
+    st = Store.open(result["store"])
+    with pytest.raises(MoeOffloadError, match="need the source checkpoint"):
+        bench._check_source(["offload", "transformers"], None, explicit=True)
+    assert bench._check_source(["offload", "transformers"], None, explicit=False) == ["offload"]
+    assert bench._recorded_source(st) is not None  # --shape records where it built the model
