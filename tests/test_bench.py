@@ -28,8 +28,9 @@ def tiny_run(tmp_path_factory):
     """One bench run on --shape tiny, every mode in this process (one fresh CLI process in all)."""
     root = tmp_path_factory.mktemp("bench")
     out = root / "bench.json"
+    # Three of four experts per layer: with top-2 routing a guess always has a slot it may take.
     proc = run_cli("bench", "--shape", "tiny", "--dir", root / "models", "--modes", ",".join(MODES),
-                   "--prompts", PROMPTS, "--max-new-tokens", NEW_TOKENS, "--in-process", "--json", out)
+                   "--experts-per-layer", 3, "--prompts", PROMPTS, "--max-new-tokens", NEW_TOKENS, "--in-process", "--json", out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc, json.loads(out.read_text()), root
 

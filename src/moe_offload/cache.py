@@ -22,13 +22,14 @@ Key = tuple[int, int]  # (layer, expert)
 
 
 class Slot:
-    __slots__ = ("index", "buffer", "views", "key", "pins", "future")
+    __slots__ = ("index", "buffer", "views", "key", "pins", "future", "speculative")
 
     def __init__(self, index: int, buffer: torch.Tensor, views):
         self.index, self.buffer, self.views = index, buffer, views
         self.key: Key | None = None
         self.pins = 0
         self.future: Future | None = None
+        self.speculative = False  # loaded by a guess and not used yet
 
     def loading(self) -> bool:
         return self.future is not None and not self.future.done()
@@ -84,8 +85,8 @@ class ExpertCache:
                 return slot
         return None
 
-    def _load(self, pool: Pool, slot: Slot, key: Key) -> None:
-        slot.key = key
+    def _load(self, pool: Pool, slot: Slot, key: Key, speculative: bool = False) -> None:
+        slot.key, slot.speculative = key, speculative
         slot.future = self.loader.submit(key[0], key[1], slot.buffer)
         self.residency[key] = slot
         pool.lru[key] = slot
@@ -121,7 +122,10 @@ class ExpertCache:
                 slot = self._claim(pool, keep)
                 if slot is None:
                     break
-                self._load(pool, slot, key)
+                self._load(pool, slot, key, speculative=True)
+                # A guess enters at the old end of the LRU order: if wrong, it is the next to go
+                # instead of pushing out experts that are being reused; if right, its use promotes it.
+                pool.lru.move_to_end(key, last=False)
                 started += 1
         if started:
             self.stats.add(prefetch_loads=started)
@@ -145,6 +149,9 @@ class ExpertCache:
                         if slot is not None:
                             pool.lru.move_to_end(key)
                             self.stats.hits[layer] += 1
+                            if slot.speculative:
+                                slot.speculative = False
+                                self.stats.prefetch_useful += 1
                         else:
                             slot = self._claim(pool)
                             if slot is None:

@@ -40,6 +40,7 @@ class OffloadStats:
             self.prefetch_correct = 0  # guessed experts that the layer then used
             self.prefetch_needed = 0  # experts used by layers for which a guess was made
             self.prefetch_loads = 0  # guesses that started a read
+            self.prefetch_useful = 0  # reads started by guesses that a layer then used
             self.bytes_read: dict[str, int] = defaultdict(int)
             self.loads = 0
             self.stall_seconds = 0.0
@@ -86,6 +87,7 @@ class OffloadStats:
                 "evictions": self.evictions,
                 "prefetch_guesses": self.prefetch_guesses,
                 "prefetch_loads": self.prefetch_loads,
+                "prefetch_useful_loads": self.prefetch_useful,
                 "prefetch_precision": _ratio(self.prefetch_correct, self.prefetch_guesses),
                 "prefetch_recall": _ratio(self.prefetch_correct, self.prefetch_needed),
                 "loads": self.loads,
