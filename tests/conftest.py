@@ -10,12 +10,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(2)
 
 import moe_offload  # noqa: E402
-from moe_offload.synthetic import build_random_mixtral  # noqa: E402
+from moe_offload.synthetic import SHAPES, build_random_mixtral  # noqa: E402
 
 # Tiny Mixtral configurations: GQA and MQA, sizes that are not powers of two, odd vocabularies.
 CONFIGS = {
-    "gqa": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, vocab_size=1000),
+    "gqa": SHAPES["tiny"],  # 4 query heads sharing 2 KV heads
     "odd": dict(hidden_size=96, intermediate_size=80, num_hidden_layers=3, num_attention_heads=6,
                 num_key_value_heads=3, num_local_experts=6, num_experts_per_tok=2, vocab_size=1003),
     "mqa_top3": dict(hidden_size=48, intermediate_size=72, num_hidden_layers=2, num_attention_heads=4,

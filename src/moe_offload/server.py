@@ -502,6 +502,7 @@ STAT_METRICS = {  # offload_stats() key -> (metric name, type, help)
     "prefetch_recall": ("prefetch_recall", "gauge", "Fraction of used experts that had been prefetched."),
     "evictions": ("expert_cache_evictions_total", "counter", "Experts evicted from the cache."),
     "loads": ("expert_loads_total", "counter", "Expert reads from the slow tier."),
+    "prefetch_useful_loads": ("prefetch_useful_loads_total", "counter", "Speculative reads that a layer then used."),
     "stall_seconds": ("stall_seconds_total", "counter", "Seconds compute waited for experts to arrive."),
     "resident_experts": ("resident_experts", "gauge", "Experts in the fast tier now."),
     "cache_slots": ("expert_cache_slots", "gauge", "Slots in the expert cache."),
