@@ -76,14 +76,52 @@ def choose_format(n: int, k: int, bits: int, group: int) -> tuple[str, int]:
 
 # ---------------------------------------------------------------- quantizing
 
-def hqq_codes(w: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """HQQ's half-quadratic optimizer -> codes [R, g], scale [R, 1], offset [R, 1] with W ~ q*scale + offset."""
-    from hqq.core.quantize import Quantizer  # imported here: slow to import, only convert needs it
+def hqq_codes(w: torch.Tensor, bits: int, group: int, *, iters: int = 10, lp_norm: float = 0.7,
+              beta: float = 10.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """HQQ's half-quadratic optimizer -> codes [R, g], scale [R, 1], offset [R, 1] with W ~ q*scale + offset.
 
-    wq, meta = Quantizer.quantize(w.float(), nbits=bits, group_size=group, optimize=True, axis=1,
-                                  bitpack=False, compute_dtype=torch.float32, device="cpu")
-    scale = meta["scale"].float().reshape(-1, 1)
-    return wq.float().reshape(-1, group), scale, -meta["zero"].float().reshape(-1, 1) * scale
+    The algorithm of hqq 0.2.8's `Quantizer.quantize(optimize=True, axis=1)`: min-max init, then up
+    to `iters` proximal updates of the zero point under an l_p norm (hqq's
+    `optimize_weights_proximal_legacy`: the scale and beta stay fixed; it stops when the mean
+    absolute error stops falling, keeping that last step's zero). Rewritten in closed form so an
+    iteration makes ~12 cheap passes over memory instead of ~25 (and no large allocations): with
+    s the inverse scale, y = W*s + z - q the error in code units and c = s^(2-p) / beta per group,
+        W - W_r = y / s,    s * shrink_p(y / s) = sign(y) * relu(|y| - c |y|^(p-1)),
+        z_new = mean(q - (W - W_e) * s) = z - mean(sign(y) * min(|y|, c |y|^(p-1))),
+    and |y|^(p-1) = 2^((p-1) log2|y|) (torch's pow by a fractional scalar is ~5x slower).
+    Codes match hqq's except for rare float ties (tests/test_convert_speed.py). iters=10, not hqq's
+    20: after refit() the stored error is the same to ~1e-4 relative on weights of LLM scale
+    (std 0.02, normal or heavy-tailed), always below hqq's own, for half the optimizer's time."""
+    W = w.float().reshape(-1, group)
+    qmax = 2**bits - 1
+    lo, hi = W.aminmax(dim=1, keepdim=True)
+    denom = hi - lo
+    s = torch.where(denom.abs() <= 1e-4, torch.ones_like(denom), qmax / denom).clamp(max=2e4)  # inverse scale
+    z = -lo * s
+    P, Q = torch.empty_like(W), torch.empty_like(W)
+    if iters > 0:
+        A = torch.empty_like(W)
+        log2_c = (s.pow(2 - lp_norm) / beta).log2()
+        best = math.inf
+        for _ in range(iters):
+            torch.addcmul(z, W, s, out=P)
+            torch.round(P, out=Q).clamp_(0, qmax)
+            P.sub_(Q)  # y
+            torch.abs(P, out=A)
+            err = (A.sum(1, keepdim=True) / s).double().sum().item() / W.numel()  # mean |W - W_r|
+            torch.log2(A, out=Q)
+            torch.add(log2_c, Q, alpha=lp_norm - 1, out=Q).exp2_()  # c |y|^(p-1)
+            torch.minimum(A, Q, out=Q)
+            z = z - torch.copysign(Q, P, out=Q).mean(1, keepdim=True)
+            if err < best:
+                best = err
+            else:
+                break  # like hqq: the zero of this last step is kept
+        del A
+    torch.addcmul(z, W, s, out=P)
+    q = torch.round(P, out=Q).clamp_(0, qmax)
+    scale = 1.0 / s
+    return q, scale, -z * scale
 
 
 def minmax_codes(w: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
