@@ -33,10 +33,12 @@ def test_generate_streams_then_prints_statistics(tiny_store4):
 
 
 def test_convert_and_verify(tiny_src, tmp_path):
-    result = run_cli("convert", tiny_src, tmp_path / "st", "--expert-bits", "3", "--dense-bits", "8")
+    result = run_cli("convert", tiny_src, tmp_path / "st", "--expert-bits", "3", "--dense-bits", "8",
+                     "--workers", "2")
     assert result.returncode == 0, result.stderr
-    assert "converting experts" in result.stderr  # the progress bar
+    assert "converting experts" in result.stderr and "s/expert" in result.stderr  # the progress bar
     manifest = json.loads((tmp_path / "st" / "manifest.json").read_text())
+    assert manifest["convert_workers"] == 2
     assert manifest["quant"]["expert_bits"] == 3 and manifest["quant"]["dense_bits"] == 8
     assert (tmp_path / "st" / "tokenizer.json").is_file()
     assert all(b["offset"] % 4096 == 0 and b["size"] % 4096 == 0 for b in manifest["blobs"]["0"])

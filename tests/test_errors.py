@@ -152,3 +152,23 @@ def test_killed_convert_leaves_no_store(tiny_src, tmp_path):
     proc.wait()
     assert not (tmp_path / "store").exists()
     assert_clean_failure(run_cli("generate", tmp_path / "store", "--prompt", "hi"), "no such store")
+
+
+def test_ctrl_c_during_parallel_convert(tiny_src, tmp_path):
+    """Ctrl-C in the CLI while worker threads quantize: exit 130 at once, no folder left behind."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "moe_offload", "convert", str(tiny_src), str(tmp_path / "store"),
+                             "--expert-bits", "2", "--workers", "2"], stderr=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(tmp_path.glob(".store.partial-*/experts.bin")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    assert not list(tmp_path.iterdir())

@@ -31,7 +31,8 @@ def cmd_convert(args) -> None:
     from . import convert
 
     path = convert(args.src, args.dst, expert_bits=args.expert_bits, dense_bits=args.dense_bits,
-                   group_size=args.group_size, overwrite=args.force, progress=not args.quiet)
+                   group_size=args.group_size, overwrite=args.force, progress=not args.quiet,
+                   workers=args.workers)
     print(f"store written to {path}", file=sys.stderr)
 
 
@@ -82,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dense-bits", type=int, choices=[4, 8, 16], default=4,
                    help="bits per weight of attention projections and lm_head (default 4)")
     p.add_argument("--group-size", type=int, help="quantization group size (default: 64; 16 for 2-bit; 8-bit: per output channel)")
+    p.add_argument("--workers", type=int, help="matrices quantized at once, one thread each (default: one per "
+                   "core, as many as fit in half the free memory); the store is the same whatever the number")
     p.add_argument("--force", action="store_true", help="replace DST if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_convert)
@@ -113,13 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.set_defaults(func=cmd_demo)
 
-    for module in ("server", "chat", "bench"):  # optional subcommands, present when their modules are
-        try:
-            mod = __import__(f"moe_offload.{module}", fromlist=["add_parser"])
-        except ImportError:
-            continue
-        if hasattr(mod, "add_parser"):
-            mod.add_parser(sub)
+    from . import bench, chat, server  # their own modules: each adds its subcommand
+
+    for mod in (server, chat, bench):
+        mod.add_parser(sub)
     return parser
 
 
@@ -133,7 +133,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # Exit now: worker threads still finishing a matrix would otherwise hold the process open.
+        os._exit(130)
     return 0
 
 
