@@ -53,3 +53,58 @@ def test_statistics_add_up(tiny_store16):
     assert stats["tokens_prefill"] == 8 and stats["tokens_decode"] == 23
     assert stats["decode_tokens_per_s"] > 0 and stats["prefill_tokens_per_s"] > 0
     assert stats["peak_rss_bytes"] > 0
+
+
+def test_payoff_gate_pauses_and_resumes():
+    from moe_offload.prefetch import PayoffGate
+
+    gate = PayoffGate()
+    w, probe = gate.WINDOW, gate.PROBE_EVERY
+    assert all(gate.allow(0, 0) for _ in range(3 * probe))  # nothing measured yet: allowed
+    assert gate.allow(w, w // 2)  # exactly MIN_USEFUL of a window: still paying
+    allowed = [gate.allow(2 * w, w // 2 + 1) for _ in range(4 * probe)]  # 1 of 16 paid: paused
+    assert sum(allowed) == 4  # one probe in PROBE_EVERY calls
+    assert gate.allow(3 * w, w // 2 + 1 + w)  # a window where every read paid: resumes
+    assert all(gate.allow(3 * w, 0) for _ in range(probe))  # counters reset: starts afresh
+
+
+def test_first_layer_guess_is_the_routers_choice_for_the_likeliest_token(tiny_store16):
+    """After a step's logits, layer 0's router applied to the embedding of the argmax token picks
+    what is prefetched for layer 0, and those guesses are scored when layer 0 runs."""
+    model = moe_offload.load(tiny_store16, experts_per_layer=4, prefetch=2)
+    try:
+        rt = model.offload_runtime
+        pf, started = rt.prefetcher, []
+        real_prefetch = rt.cache.prefetch
+        rt.cache.prefetch = lambda layer, experts: (started.append((layer, list(experts))), real_prefetch(layer, experts))[1]
+        logits = torch.randn(1, 3, model.config.vocab_size)
+        pf.guess_first_layer(logits)
+        token = logits[0, -1].argmax()
+        layer0 = model.model.layers[0].mlp
+        h = model.model.layers[0].post_attention_layernorm(model.model.embed_tokens(token[None]))
+        router_logits = layer0.gate(h)
+        router_logits = router_logits[0] if isinstance(router_logits, tuple) else router_logits
+        expected = router_logits.float().topk(2, dim=-1).indices.reshape(-1).tolist()
+        assert started == [(0, expected)]
+        pf.score(0, {expected[0]})
+        assert (pf.first_guessed, pf.first_correct) == (2, 1)
+
+        # A window of wrong guesses: reads stop, but the guesses are still made and scored.
+        pf.first_guessed, pf.first_correct = 2 + pf.first_gate.WINDOW, 1
+        pf.guess_first_layer(logits)
+        assert len(started) == 1 and pf.shadow == {0: set(expected)}
+        pf.score(0, set(expected))
+        assert pf.first_correct == 3 and not pf.shadow
+    finally:
+        model.close()
+
+
+def test_first_layer_guesses_run_during_generation(tiny_store16):
+    model = moe_offload.load(tiny_store16, experts_per_layer=4, prefetch=2)
+    try:
+        ids = torch.randint(3, 1000, (1, 8))
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False, pad_token_id=0)
+        pf = model.offload_runtime.prefetcher
+        assert pf.first_guessed >= 2 and 0 <= pf.first_correct <= pf.first_guessed
+    finally:
+        model.close()

@@ -121,7 +121,9 @@ def load(store: str | os.PathLike, *, device: str = "cpu", expert_cache: int | s
     layers = model.model.layers
     routers = {i: getattr(layers[i], arch.moe_block).get_submodule(arch.router) for i in st.moe_layers}
     norms = {i: layers[i].get_submodule(arch.moe_norm) for i in st.moe_layers}
-    prefetcher = Prefetcher(cache, stats, routers, norms, cfg.prefetch, cfg.lookahead) if cfg.prefetch else None
+    # The embedding stands in for the first MoE layer's input only when no dense layer precedes it.
+    embed = model.get_input_embeddings() if st.moe_layers[0] == 0 else None
+    prefetcher = Prefetcher(cache, stats, routers, norms, cfg.prefetch, cfg.lookahead, embed) if cfg.prefetch else None
     runtime = OffloadRuntime(st, cache, loader, prefetcher, stats)
 
     for i in st.moe_layers:
@@ -197,12 +199,18 @@ def _generation_config(st: Store, config, GenerationConfig):
 
 
 def _install_hooks(model: nn.Module, runtime: OffloadRuntime, arch, moe_layers: list[int]) -> None:
-    """Capture the residual stream before each MoE norm (for prefetch), and time every forward."""
+    """Capture the residual stream before each MoE norm (for prefetch), guess the first layer's
+    experts for the next token from the logits, and time every forward."""
     layers = model.model.layers
     for i in moe_layers:
         def keep_residual(module, args, layer=i):
             runtime.residuals[layer] = args[0]
         layers[i].get_submodule(arch.moe_norm).register_forward_pre_hook(keep_residual)
+
+    if runtime.prefetcher is not None:
+        def guess_next_token(module, args, logits):
+            runtime.prefetcher.guess_first_layer(logits)
+        model.get_output_embeddings().register_forward_hook(guess_next_token)
 
     stats = runtime.stats
     clock: dict[str, float] = {}
