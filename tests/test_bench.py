@@ -92,6 +92,9 @@ def test_roofline_counts_the_bytes_a_token_reads(tiny_run):
     assert modes["no-cache"]["decode_disk_bytes_per_s"] == round(nc["disk_bytes"] / nc["seconds"])
     names = [t["target"] for t in result["targets"]]
     assert "resident decode / its roofline" in names and "offload / no-cache decode" in names
+    conversion = next(t for t in result["targets"] if t["target"].startswith("conversion at 4-bit"))
+    assert conversion["value"] == pytest.approx(result["model"]["convert_seconds"] / 60, abs=1e-3)
+    assert conversion["met"] == (conversion["value"] <= 10)
 
 
 def test_table_is_printed(tiny_run):
@@ -102,6 +105,7 @@ def test_table_is_printed(tiny_run):
                   "peak RSS MiB", "stall s"):
         assert f"| {label}" in proc.stdout, label
     assert "roofline: RAM read" in proc.stdout and "targets (issue #4)" in proc.stdout
+    assert "conversion at 4-bit experts" in proc.stdout and "min (goal <= 10 min)" in proc.stdout
 
 
 def test_one_process_per_mode(tiny_run):
