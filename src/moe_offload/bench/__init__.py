@@ -1,0 +1,22 @@
+"""`moe-offload bench`: the seed protocol in several modes side by side, with a roofline.
+
+  cli.py       the subcommand: options, checks, the models --shape builds
+  run.py       the run: every mode one after the other, each in its own process
+  mode.py      the modes, and one mode's run timed by phase
+  roofline.py  bytes per token, RAM and disk bandwidth, the tokens/s they allow
+  compare.py   tokens equal to the references', the issue's targets
+  system.py    page cache, disk reads, peak RSS (/proc)
+  report.py    the table, the text report, the plot
+"""
+from .cli import add_parser, cmd_bench, parse_modes, prepare_shape
+from .compare import targets
+from .mode import HF_MODES, LONG_PREFILL, MODES, OURS, PROMPTS, open_model, run_mode
+from .report import format_report, format_table, plot
+from .roofline import disk_bandwidth, ram_bandwidth, roofline_for
+from .run import _check_source, _recorded_source, run_bench, worker_main  # noqa: F401 - the tests call the first two
+from .system import disk_read_bytes, drop_page_cache
+
+__all__ = ["add_parser", "cmd_bench", "parse_modes", "prepare_shape", "targets", "HF_MODES", "LONG_PREFILL",
+           "MODES", "OURS", "PROMPTS", "open_model", "run_mode", "format_report", "format_table", "plot",
+           "disk_bandwidth", "ram_bandwidth", "roofline_for", "run_bench", "worker_main", "disk_read_bytes",
+           "drop_page_cache"]

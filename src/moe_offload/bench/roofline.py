@@ -1,0 +1,100 @@
+"""Bytes a decode token reads, the measured RAM and disk bandwidth, and the tokens/s they allow."""
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+
+from .system import drop_page_cache
+
+
+def bytes_per_token_offloaded(model) -> dict:
+    """Weights one decode token reads from RAM: every dense tensor except the embedding table (one
+    row of it), plus top-k experts in every MoE layer."""
+    rt = model.offload_runtime
+    embed = model.get_input_embeddings().weight
+    dense = sum(t.nbytes for t in [*model.parameters(), *model.buffers()] if t is not embed)
+    spec_bytes = 0
+    for matrix in rt.store.layout.matrices.values():
+        for t in matrix["tensors"]:
+            spec_bytes += math.prod(t["shape"]) * _itemsize(t["dtype"])
+    active = rt.store.top_k * rt.store.num_layers * spec_bytes
+    return dict(dense_bytes_per_token=dense, active_expert_bytes_per_token=active, ram_bytes_per_token=dense + active)
+
+
+def _itemsize(dtype_name: str) -> int:
+    from ..store import DTYPES
+
+    return DTYPES[dtype_name].itemsize
+
+
+def bytes_per_token_hf(model) -> dict:
+    """The same count for a stock transformers model (offloaded parameters sit on the meta device,
+    whose sizes still count: a token needs them)."""
+    cfg = model.config
+    embed = model.get_input_embeddings().weight
+    experts = dense = 0
+    for name, p in model.named_parameters():
+        if p is embed:
+            continue
+        if ".experts." in name:
+            experts += p.nbytes
+        else:
+            dense += p.nbytes
+    num_experts = getattr(cfg, "num_local_experts", None) or cfg.num_experts
+    active = experts * cfg.num_experts_per_tok // num_experts
+    return dict(dense_bytes_per_token=dense, active_expert_bytes_per_token=active, ram_bytes_per_token=dense + active)
+
+
+def ram_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
+    """Bytes/s of a torch sum over a 1 GiB tensor on 2 threads (best of a few: the machine is shared)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    try:
+        x = torch.ones(nbytes // 4, dtype=torch.float32)
+        x.sum()  # first touch
+        best = math.inf
+        for _ in range(repeats):
+            t = time.perf_counter()
+            x.sum()
+            best = min(best, time.perf_counter() - t)
+        del x
+    finally:
+        torch.set_num_threads(threads)
+    return round(nbytes / best)
+
+
+def disk_bandwidth(path: Path, limit: int = 1 << 30, chunk: int = 16 << 20) -> float:
+    """Bytes/s of a cold sequential read of (up to 1 GiB of) the experts file."""
+    drop_page_cache(path)
+    buf = bytearray(chunk)
+    done = 0
+    with open(path, "rb", buffering=0) as f:
+        t = time.perf_counter()
+        while done < limit:
+            n = f.readinto(buf)
+            if not n:
+                break
+            done += n
+        seconds = time.perf_counter() - t
+    drop_page_cache(path)
+    return round(done / seconds) if seconds > 0 else 0
+
+
+def roofline_for(r: dict, roofline: dict) -> dict:
+    """Tokens/s if a decode token cost nothing but its reads: its weights from RAM at the measured
+    RAM bandwidth, plus what this mode actually read from disk per token at the disk bandwidth.
+    Also the disk throughput the mode reached while decoding: the disk of a shared machine varies,
+    and a mode that read faster than the bandwidth measured up front exceeds 100% of its roofline."""
+    decode = r["phases"].get("decode", {})
+    achieved = decode.get("disk_bytes", 0) / decode["seconds"] if decode.get("seconds") else 0.0
+    seconds = r["ram_bytes_per_token"] / roofline["ram_bytes_per_s"]
+    if r["decode_disk_bytes_per_token"] and roofline["disk_bytes_per_s"]:
+        seconds += r["decode_disk_bytes_per_token"] / roofline["disk_bytes_per_s"]
+    ceiling = 1 / seconds if seconds > 0 else 0.0
+    ratio = r["decode_tokens_per_s"] / ceiling if ceiling else 0.0
+    return {"roofline_tokens_per_s": round(ceiling, 3), "roofline_ratio": round(ratio, 4),
+            "decode_disk_bytes_per_s": round(achieved)}
