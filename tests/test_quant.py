@@ -37,6 +37,9 @@ def test_format_choice():
     assert quant.choose_format(64, 128, 8, 64) == ("grouped", 64)  # an explicit group keeps 8-bit grouped
     assert quant.choose_format(64, 128, 8, 0) == ("int8", 0)
     assert quant.choose_format(64, 128, 16, 64) == ("dense", 0)
+    # 2-bit: the fused "grouped" kernel beats int4pack's 4-bit fields when numba is there
+    assert quant.choose_format(64, 128, 2, 32) == ("grouped" if quant.fused_grouped_available() else "int4pack", 32)
+    assert quant.choose_format(64, 128, 3, 64) == ("int4pack", 64)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])

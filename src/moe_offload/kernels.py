@@ -11,6 +11,7 @@ import threading
 import torch
 import torch.nn.functional as F
 
+from . import kernels_grouped
 from .quant import QMatrix, dequantize
 
 _state = threading.local()
@@ -47,8 +48,9 @@ def linear(x: torch.Tensor, m: QMatrix) -> torch.Tensor:
         x2 = x.reshape(-1, m.k).to(torch.bfloat16).contiguous()
         y = torch.ops.aten._weight_int8pack_mm(x2, m.tensors["codes"], m.tensors["scale"])
         return y.to(x.dtype).reshape(*x.shape[:-1], m.n)
-    # "grouped": no fused kernel yet; dequantize in the activation dtype.
-    return F.linear(x, dequantize(m).to(x.dtype))
+    # "grouped": the numba kernel; without numba, dequantize in the activation dtype (slow).
+    y = kernels_grouped.linear(x, m)
+    return y if y is not None else F.linear(x, dequantize(m).to(x.dtype))
 
 
 def expert_forward(x: torch.Tensor, gate_up: QMatrix, down: QMatrix, act) -> torch.Tensor:

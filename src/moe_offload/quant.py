@@ -7,13 +7,15 @@ A matrix W [N, K] (out, in) is stored in one of three formats, each a few flat t
 - "int8":     int8 codes with one bf16 scale per output channel, W = q * scale: the layout
               `aten._weight_int8pack_mm` reads (8-bit, the default group 0).
 - "grouped":  bit-packed codes plus fp16 (scale, zero) per group, W = (q - zero) * scale: any bit
-              width and group size (2-bit in groups of 16, 8-bit per group, shapes int4pack cannot take).
+              width and group size (2-bit in groups of 16, 8-bit per group, shapes int4pack cannot take),
+              laid out transposed for the fused kernel (see pack_codes).
 Every format's parameters are refitted after rounding to their storage dtype, so what is stored
 is what the error was measured on.
 """
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import math
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -53,6 +55,11 @@ def int4pack_available() -> bool:
         torch.ops.aten, "_convert_weight_to_int4pack_for_cpu")
 
 
+def fused_grouped_available() -> bool:
+    """numba is installed (kernels_grouped.py); found without importing it, which is slow."""
+    return importlib.util.find_spec("numba") is not None
+
+
 def effective_group(k: int, group: int) -> int:
     """The requested group, halved until it divides the input dimension."""
     g = group
@@ -69,6 +76,11 @@ def choose_format(n: int, k: int, bits: int, group: int) -> tuple[str, int]:
     if bits == 8 and group == 0:
         return ("int8" if int8pack_available() else "grouped"), (0 if int8pack_available() else effective_group(k, 64))
     g = effective_group(k, group)
+    if bits == 2 and fused_grouped_available():
+        # int4pack would store 2-bit codes in 4-bit fields: "grouped" reads 40% fewer bytes and its
+        # fused kernel is faster at batch 1 (tools/bench_grouped.py). 3-bit: same bytes, and
+        # int4pack is faster on prefill batches, so it stays int4pack.
+        return "grouped", g
     if bits <= 4 and g in INT4PACK_GROUPS and n % 16 == 0 and int4pack_available():
         return "int4pack", g
     return "grouped", g
@@ -169,10 +181,14 @@ def refit(w, q, a, b, qmax, round_params, iters: int = 3):
     return best_q, best_a, best_b
 
 
-def quantize(w: torch.Tensor, bits: int, group: int, *, optimize: bool = True) -> QMatrix:
-    """W [N, K] -> QMatrix in the fastest format its shape allows."""
+def quantize(w: torch.Tensor, bits: int, group: int, *, optimize: bool = True, fmt: str | None = None) -> QMatrix:
+    """W [N, K] -> QMatrix in the fastest format its shape allows, or in `fmt` ("grouped" or
+    "int4pack", when the shape allows it: tests and benchmarks)."""
     n, k = w.shape
-    fmt, g = choose_format(n, k, bits, group)
+    if fmt in ("grouped", "int4pack"):
+        g = effective_group(k, group)
+    else:
+        fmt, g = choose_format(n, k, bits, group)
     if fmt == "dense":
         return QMatrix("dense", n, k, 16, 0, {"weight": w.contiguous()})
     if fmt == "int8":
@@ -194,9 +210,9 @@ def quantize(w: torch.Tensor, bits: int, group: int, *, optimize: bool = True) -
     q, s, off = refit(wg, q, a, b, qmax, _round_grouped)
     zero = -off / s
     return QMatrix(fmt, n, k, bits, g, {
-        "codes": pack_codes(q.reshape(n, k).to(torch.uint8), bits),
-        "scale": s.reshape(n, k // g).to(torch.float16),
-        "zero": zero.reshape(n, k // g).to(torch.float16)})
+        "codes": pack_codes(q.reshape(n, k).to(torch.uint8), bits, g),
+        "scale": s.reshape(n, k // g).t().contiguous().to(torch.float16),  # [G, N], like the codes
+        "zero": zero.reshape(n, k // g).t().contiguous().to(torch.float16)})
 
 
 def _quantize_int8(w: torch.Tensor) -> QMatrix:
@@ -224,27 +240,37 @@ def _quantize_int8(w: torch.Tensor) -> QMatrix:
 
 # ---------------------------------------------------------------- bit packing ("grouped" format)
 
-def storage_bits(bits: int) -> int:
-    """3-bit codes are stored in 4-bit fields: byte-aligned and cheap to unpack."""
-    return {2: 2, 3: 4, 4: 4, 8: 8}[bits]
+def storage_bits(bits: int, group: int) -> int:
+    """Field width in the 32-bit words: 3-bit codes take 4-bit fields (cheap to unpack), and a
+    2-bit group must fill whole words of 16 codes, else it takes 4-bit fields too."""
+    if bits == 2 and group % 16 == 0:
+        return 2
+    return 4 if bits <= 4 else 8
 
 
-def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """uint8 codes [N, K] -> [N, K * sb / 8], the first code in the lowest bits of each byte."""
-    sb = storage_bits(bits)
-    per_byte = 8 // sb
+def pack_codes(codes: torch.Tensor, bits: int, group: int | None = None) -> torch.Tensor:
+    """uint8 codes [N, K] -> int32 words [G, K/group * sb/32, N] (G = K / group).
+
+    Word (g, j, n) holds the codes of row n at k = g*group + j*cpw + i, i = 0..cpw-1 (cpw = 32/sb),
+    code i in bits sb*i.. of the word. Rows are innermost so that the kernel's vector lanes are 8
+    output rows reading 8 consecutive words (_grouped_jit.py): packed once at convert time."""
     n, k = codes.shape
-    c = codes.reshape(n, k // per_byte, per_byte).to(torch.int32)
-    shifts = torch.arange(per_byte, dtype=torch.int32) * sb
-    return (c << shifts).sum(-1).to(torch.uint8)
+    group = group or k
+    sb = storage_bits(bits, group)
+    cpw = 32 // sb
+    c = codes.reshape(n, k // group, group // cpw, cpw).permute(1, 2, 0, 3).to(torch.int64)
+    words = (c << (torch.arange(cpw, dtype=torch.int64) * sb)).sum(-1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).contiguous()
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
-    sb = storage_bits(bits)
-    per_byte = 8 // sb
-    shifts = torch.arange(per_byte, dtype=torch.int32) * sb
-    c = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & (2**sb - 1)
-    return c.reshape(packed.shape[0], k).to(torch.uint8)
+    """The inverse of pack_codes: -> uint8 codes [N, K]."""
+    groups, wpg, n = packed.shape
+    cpw = k // groups // wpg
+    sb = 32 // cpw
+    shifts = torch.arange(cpw, dtype=torch.int64) * sb
+    c = (packed.to(torch.int64).unsqueeze(-1) >> shifts) & (2**sb - 1)  # [G, W, N, cpw]
+    return c.permute(2, 0, 1, 3).reshape(n, k).to(torch.uint8)
 
 
 # ---------------------------------------------------------------- torch's int4pack layout
@@ -299,6 +325,6 @@ def dequantize(m: QMatrix) -> torch.Tensor:
         return ((q - 8) * sz[..., :1] + sz[..., 1:]).reshape(m.n, m.k)
     if m.fmt == "grouped":
         q = unpack_codes(t["codes"], m.bits, m.k).float().reshape(m.n, groups, m.group)
-        s, z = t["scale"].float().unsqueeze(-1), t["zero"].float().unsqueeze(-1)
+        s, z = t["scale"].float().t().unsqueeze(-1), t["zero"].float().t().unsqueeze(-1)
         return ((q - z) * s).reshape(m.n, m.k)
     raise MoeOffloadError(f"unknown weight format {m.fmt!r}")

@@ -20,7 +20,7 @@ from .errors import MoeOffloadError, StoreCorruptError
 from .quant import QMatrix
 
 FORMAT = "moe-offload-store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: "grouped" codes transposed into 32-bit words for the fused kernel
 MANIFEST = "manifest.json"
 DENSE_FILE = "dense.safetensors"
 EXPERTS_FILE = "experts.bin"
