@@ -163,3 +163,13 @@ def test_hf_modes_need_the_source(tiny_run, tmp_path):
         bench._check_source(["offload", "transformers"], None, explicit=True)
     assert bench._check_source(["offload", "transformers"], None, explicit=False) == ["offload"]
     assert bench._recorded_source(st) is not None  # --shape records where it built the model
+
+
+def test_a_store_in_an_older_format_is_converted_again(tiny_run):
+    _, _, root = tiny_run
+    store = root / "models" / "tiny" / "store-e4-d4"
+    manifest = json.loads((store / "manifest.json").read_text())
+    (store / "manifest.json").write_text(json.dumps({**manifest, "format_version": 0}))
+    assert bench.cli.prepare_shape("tiny", root / "models")[1] == store
+    assert json.loads((store / "manifest.json").read_text())["format_version"] == manifest["format_version"]
+    Store.open(store).verify()  # the converted store is whole

@@ -125,9 +125,19 @@ def prepare_shape(shape: str, root: Path) -> tuple[Path, Path]:
         build_random_mixtral(partial, shape, seed=0)
         os.rename(partial, source)
         print(f"built in {time.perf_counter() - started:.0f} s", file=sys.stderr)
-    if not (store / "manifest.json").is_file():
+    if not _current_store(store):
         print(f"converting it into {store} (4-bit experts, 4-bit dense) ...", file=sys.stderr)
         started = time.perf_counter()
         convert(source, store, expert_bits=4, dense_bits=4, overwrite=True)
         print(f"converted in {time.perf_counter() - started:.0f} s", file=sys.stderr)
     return source, store
+
+
+def _current_store(store: Path) -> bool:
+    """A finished store in this version's format (an older one is converted again, not refused)."""
+    from ..store import FORMAT_VERSION, MANIFEST
+
+    try:
+        return json.loads((store / MANIFEST).read_text()).get("format_version") == FORMAT_VERSION
+    except (OSError, ValueError):
+        return False
