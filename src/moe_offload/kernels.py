@@ -55,5 +55,17 @@ def linear(x: torch.Tensor, m: QMatrix) -> torch.Tensor:
 
 def expert_forward(x: torch.Tensor, gate_up: QMatrix, down: QMatrix, act) -> torch.Tensor:
     """One SwiGLU expert: down(act(gate(x)) * up(x)); gate and up are one fused [2I, H] matrix."""
+    if gate_up.fmt == down.fmt == "int4pack" and x.dim() == 2 and not getattr(_state, "reference", False):
+        return _int4pack_expert(x, gate_up, down, act)
     gate, up = linear(x, gate_up).chunk(2, dim=-1)
     return linear(act(gate) * up, down)
+
+
+def _int4pack_expert(x: torch.Tensor, gate_up: QMatrix, down: QMatrix, act) -> torch.Tensor:
+    """expert_forward's arithmetic with one dtype round trip per matrix and no reshapes: in decode
+    the expert's Python costs as much as a small matrix product."""
+    mm = torch.ops.aten._weight_int4pack_mm_for_cpu
+    gu = mm(x.to(torch.bfloat16).contiguous(), gate_up.tensors["packed"], gate_up.group, gate_up.tensors["scales_zeros"]).float()
+    gate, up = gu.chunk(2, dim=-1)
+    h = (act(gate) * up).to(torch.bfloat16)
+    return mm(h, down.tensors["packed"], down.group, down.tensors["scales_zeros"]).to(x.dtype)
