@@ -12,11 +12,11 @@ from .cli import add_parser, cmd_bench, parse_modes, prepare_shape
 from .compare import targets
 from .mode import HF_MODES, LONG_PREFILL, MODES, OURS, PROMPTS, open_model, run_mode
 from .report import format_report, format_table, plot
-from .roofline import disk_bandwidth, ram_bandwidth, roofline_for
+from .roofline import blob_bandwidth, disk_bandwidth, ram_bandwidth, roofline_for
 from .run import _check_source, _recorded_source, run_bench, worker_main  # noqa: F401 - the tests call the first two
 from .system import disk_read_bytes, drop_page_cache
 
 __all__ = ["add_parser", "cmd_bench", "parse_modes", "prepare_shape", "targets", "HF_MODES", "LONG_PREFILL",
            "MODES", "OURS", "PROMPTS", "open_model", "run_mode", "format_report", "format_table", "plot",
-           "disk_bandwidth", "ram_bandwidth", "roofline_for", "run_bench", "worker_main", "disk_read_bytes",
+           "blob_bandwidth", "disk_bandwidth", "ram_bandwidth", "roofline_for", "run_bench", "worker_main", "disk_read_bytes",
            "drop_page_cache"]

@@ -66,7 +66,9 @@ def format_report(results: dict) -> str:
         f"{s['torch_threads']} torch threads; load average {s['load_average'][0]:.1f} before, "
         f"{s['load_average'][1]:.1f} after",
         f"roofline: RAM read {roof['ram_bytes_per_s'] / 1e9:.1f} GB/s (torch sum, 1 GiB, 2 threads), disk read "
-        f"{roof['disk_bytes_per_s'] / 1e9:.2f} GB/s (cold sequential read of experts.bin)",
+        f"{roof['disk_bytes_per_s'] / 1e9:.2f} GB/s (the better of a cold sequential read of experts.bin, "
+        f"{roof['disk_sequential_bytes_per_s'] / 1e9:.2f}, and cold expert blobs in random order on the loader's "
+        f"threads, {roof['disk_blob_bytes_per_s'] / 1e9:.2f})",
         "",
         format_table(results),
         "",

@@ -84,6 +84,42 @@ def disk_bandwidth(path: Path, limit: int = 1 << 30, chunk: int = 16 << 20) -> f
     return round(done / seconds) if seconds > 0 else 0
 
 
+def blob_bandwidth(store, limit: int = 1 << 30) -> float:
+    """Bytes/s of cold reads of whole expert blobs in random order, the way the loader reads them
+    (its threads, O_DIRECT where allowed): what a mode that misses the cache can hope for."""
+    import random
+    import threading
+
+    from ..loader import DiskLoader, aligned_buffer
+    from ..stats import OffloadStats
+    from ..store import EXPERTS_FILE
+
+    keys = [(layer, e) for layer in store.moe_layers for e in range(store.num_experts)]
+    random.Random(0).shuffle(keys)
+    keys = keys[:max(1, limit // store.blob_size)]
+    drop_page_cache(store.path / EXPERTS_FILE)
+    loader = DiskLoader(store, OffloadStats(store.num_layers))
+    local = threading.local()
+
+    def read(key) -> int:
+        if not hasattr(local, "buf"):
+            local.buf = memoryview(aligned_buffer(store.blob_size).numpy())
+        blob = store.blob(*key)
+        n = os.preadv(loader.fd, [local.buf[:blob["size"]]], blob["offset"])
+        if not loader.direct:
+            os.posix_fadvise(loader.fd, blob["offset"], blob["size"], os.POSIX_FADV_DONTNEED)
+        return n
+
+    try:
+        t = time.perf_counter()
+        done = sum(loader.pool.map(read, keys))
+        seconds = time.perf_counter() - t
+    finally:
+        loader.close()
+        drop_page_cache(store.path / EXPERTS_FILE)
+    return round(done / seconds) if seconds > 0 else 0
+
+
 def roofline_for(r: dict, roofline: dict) -> dict:
     """Tokens/s if a decode token cost nothing but its reads: its weights from RAM at the measured
     RAM bandwidth, plus what this mode actually read from disk per token at the disk bandwidth.

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .compare import _compare_tokens, targets
 from .mode import HF_MODES, PROMPTS, run_mode
-from .roofline import disk_bandwidth, ram_bandwidth, roofline_for
+from .roofline import blob_bandwidth, disk_bandwidth, ram_bandwidth, roofline_for
 from .system import drop_page_cache
 
 
@@ -39,7 +39,9 @@ def run_bench(store: Path, source: Path | None, modes: list[str], *, explicit_mo
     files = [st.path] + ([source] if source else [])
 
     print("measuring RAM and disk read bandwidth ...", file=sys.stderr)
-    roofline = {"ram_bytes_per_s": ram_bandwidth(), "disk_bytes_per_s": disk_bandwidth(st.path / EXPERTS_FILE)}
+    sequential, blobs = disk_bandwidth(st.path / EXPERTS_FILE), blob_bandwidth(st)
+    roofline = {"ram_bytes_per_s": ram_bandwidth(), "disk_bytes_per_s": max(sequential, blobs),
+                "disk_sequential_bytes_per_s": sequential, "disk_blob_bytes_per_s": blobs}
     spec_base = dict(store=str(st.path), source=str(source) if source else None,
                      prompts=list(PROMPTS[:prompts]), max_new_tokens=max_new_tokens,
                      accelerate_tokens=min(accelerate_tokens, max_new_tokens), load_kwargs=load_kwargs,
