@@ -43,6 +43,10 @@ class QuantLinear(nn.Module):
         if name == "bias":
             self.bias = nn.Parameter(t, requires_grad=False)
         else:
+            # safetensors places tensors 8-byte aligned; torch's AVX-512 int8 kernel reads its
+            # weight with aligned 64-byte loads and crashes on anything less
+            if t.data_ptr() % 64:
+                t = t.clone()
             self.register_buffer(name, t, persistent=False)
             self._names.append(name)
         self._qmatrix = None
