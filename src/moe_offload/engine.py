@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 import threading
 import time
@@ -114,6 +115,15 @@ def generation_config_for(model, tokenizer, params: SamplingParams):
                             **sampling)
 
 
+@functools.lru_cache(maxsize=1)
+def _cache_kwarg() -> str:
+    """transformers 5.24 renamed generate's `past_key_values` to `cache` (the old name now warns)."""
+    import transformers
+
+    version = tuple(int(p) for p in transformers.__version__.split(".")[:2] if p.isdigit())
+    return "cache" if version >= (5, 24) else "past_key_values"
+
+
 def generate_text(model, tokenizer, prompt_ids: list[int], params: SamplingParams, *,
                   on_text: Callable[[str], None] | None = None,
                   cancel: threading.Event | None = None, past_key_values=None) -> Completion:
@@ -131,7 +141,7 @@ def generate_text(model, tokenizer, prompt_ids: list[int], params: SamplingParam
         model.generate(input_ids, attention_mask=torch.ones_like(input_ids),
                        generation_config=generation_config_for(model, tokenizer, params),
                        stopping_criteria=StoppingCriteriaList([tracker]),
-                       past_key_values=past_key_values)
+                       **{_cache_kwarg(): past_key_values})
     text = tracker.finish()
     if tracker.stop_hit:
         reason = "stop"
