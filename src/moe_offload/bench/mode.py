@@ -247,7 +247,7 @@ def _mode_result(mode, clock: PhaseClock, stats, tokens, info, load_seconds, pea
     if stats is not None:
         r.update(hit_rate=stats["hit_rate"], expert_bytes_read=sum(stats["bytes_read"].values()),
                  stall_seconds=stats["stall_seconds"], offload_stats=stats, load_options=info["options"])
-        if mode == "offload":
+        if mode == "offload" and stats["prefetch_guesses"]:  # no guesses: no precision to show, not 0
             r.update(prefetch_precision=stats["prefetch_precision"], prefetch_recall=stats["prefetch_recall"])
     for key in ("dtype", "device_map"):
         if key in info:
