@@ -11,7 +11,7 @@ import threading
 import torch
 import torch.nn.functional as F
 
-from . import kernels_grouped
+from . import kernels_grouped, kernels_int4pack
 from .quant import QMatrix, dequantize
 
 _state = threading.local()
@@ -40,10 +40,8 @@ def linear(x: torch.Tensor, m: QMatrix) -> torch.Tensor:
     if getattr(_state, "reference", False):
         return linear_reference(x, m)
     if m.fmt == "int4pack":
-        # torch's fused int4 GEMV; it is fast only with bf16 activations (FACTS: ~30x with fp32).
         x2 = x.reshape(-1, m.k).to(torch.bfloat16).contiguous()
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, m.tensors["packed"], m.group, m.tensors["scales_zeros"])
-        return y.to(x.dtype).reshape(*x.shape[:-1], m.n)
+        return _int4pack_mm(x2, m).to(x.dtype).reshape(*x.shape[:-1], m.n)
     if m.fmt == "int8":
         x2 = x.reshape(-1, m.k).to(torch.bfloat16).contiguous()
         y = torch.ops.aten._weight_int8pack_mm(x2, m.tensors["codes"], m.tensors["scale"])
@@ -64,8 +62,13 @@ def expert_forward(x: torch.Tensor, gate_up: QMatrix, down: QMatrix, act) -> tor
 def _int4pack_expert(x: torch.Tensor, gate_up: QMatrix, down: QMatrix, act) -> torch.Tensor:
     """expert_forward's arithmetic with one dtype round trip per matrix and no reshapes: in decode
     the expert's Python costs as much as a small matrix product."""
-    mm = torch.ops.aten._weight_int4pack_mm_for_cpu
-    gu = mm(x.to(torch.bfloat16).contiguous(), gate_up.tensors["packed"], gate_up.group, gate_up.tensors["scales_zeros"]).float()
-    gate, up = gu.chunk(2, dim=-1)
-    h = (act(gate) * up).to(torch.bfloat16)
-    return mm(h, down.tensors["packed"], down.group, down.tensors["scales_zeros"]).to(x.dtype)
+    gate, up = _int4pack_mm(x.to(torch.bfloat16).contiguous(), gate_up).float().chunk(2, dim=-1)
+    return _int4pack_mm((act(gate) * up).to(torch.bfloat16), down).to(x.dtype)
+
+
+def _int4pack_mm(x: torch.Tensor, m: QMatrix) -> torch.Tensor:
+    """x [B, K] bf16 @ W.T: torch's fused int4 GEMV (fast only with bf16 activations, FACTS: ~30x
+    with fp32), or for prefill batches on CPUs with bf16 matrix units, unpack then bf16 matmul."""
+    if kernels_int4pack.usable(m, x.shape[0]):
+        return kernels_int4pack.matmul(x, m)
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x, m.tensors["packed"], m.group, m.tensors["scales_zeros"])

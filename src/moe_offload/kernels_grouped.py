@@ -23,7 +23,7 @@ _failed = False
 _lock = threading.Lock()
 # numba's parallel launches are not reentrant across threads (the workqueue layer aborts the
 # process); calls normally come from one thread, this makes a second caller wait instead.
-_launch = threading.Lock()
+launch_lock = threading.Lock()
 
 
 def _load():
@@ -63,7 +63,7 @@ def linear(x: torch.Tensor, m: QMatrix, batch_threshold: int | None = None) -> t
     bounds = jit.split_rows(m.n, _threads(m))
     if rows >= (BATCH_THRESHOLD if batch_threshold is None else batch_threshold):
         wt = torch.empty(m.k, m.n, dtype=torch.float32)
-        with _launch:
+        with launch_lock:
             jit.dequant_par(words, s16, z16, wt.numpy(), bounds, sb)
         y = x2.float() @ wt
     else:
@@ -75,6 +75,6 @@ def linear(x: torch.Tensor, m: QMatrix, batch_threshold: int | None = None) -> t
         if len(bounds) == 2:
             jit.ROWS[sb](words, s16, z16, xsc, xsum, y.numpy(), 0, m.n)
         else:
-            with _launch:
+            with launch_lock:
                 jit.PAR[sb](words, s16, z16, xsc, xsum, y.numpy(), bounds)
     return y.to(x.dtype).reshape(*x.shape[:-1], m.n)

@@ -14,7 +14,7 @@ from types import MethodType
 import torch
 from torch import nn
 
-from . import kernels
+from . import kernels, kernels_int4pack
 from .archs import arch_for
 from .cache import ExpertCache
 from .config import OffloadConfig, format_size
@@ -120,9 +120,13 @@ def load(store: str | os.PathLike, *, device: str = "cpu", expert_cache: int | s
     st = Store.open(store)
     config = AutoConfig.from_pretrained(st.path, local_files_only=True)
     arch = arch_for(config)
-    if any(m["fmt"] == "int4pack" for m in _all_formats(st)) and st.manifest["int4pack_layout"] != int4pack_layout_id():
+    int4pack_shapes = {(m["n"], m["k"]) for m in _all_formats(st) if m["fmt"] == "int4pack"}
+    uses_int4pack = bool(int4pack_shapes)
+    if uses_int4pack and st.manifest["int4pack_layout"] != int4pack_layout_id():
         raise MoeOffloadError(f"{st.path} was converted on a CPU whose int4 weight layout differs from this one's; "
                               "run `moe-offload convert` again on this machine")
+    if uses_int4pack:
+        kernels_int4pack.warm_up(int4pack_shapes)  # the first long prompt would pay for it otherwise
     per_pool = slots_per_pool(st, cfg)
 
     with torch.device("meta"):

@@ -298,6 +298,31 @@ def unpack_int4pack(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
     return codes.reshape(n, k)
 
 
+@lru_cache(maxsize=1)
+def _int4pack_block_size() -> int | None:
+    """The row block of torch's int4pack layout on this machine, if it is the blocked layout the
+    prefill unpacker reads (kernels_int4pack): bytes [N/BN, K, BN/2], byte (b, k, j) holding row
+    b*BN + j in its low nibble and row b*BN + BN/2 + j in its high one. None for any other layout."""
+    if not int4pack_available():
+        return None
+    for block in (64, 32, 16, 128):
+        if all(torch.equal(_int4pack_source_index(n, k), _blocked_index(n, k, block)) for n, k in ((256, 64), (384, 96))):
+            return block
+    return None
+
+
+def _blocked_index(n: int, k: int, block: int) -> torch.Tensor:
+    b, kk, j = torch.meshgrid(torch.arange(n // block), torch.arange(k), torch.arange(block // 2), indexing="ij")
+    rows = torch.stack([b * block + j, b * block + block // 2 + j], -1)  # low nibble, high nibble
+    return (rows * k + kk.unsqueeze(-1)).reshape(-1)
+
+
+def int4pack_block(n: int, k: int) -> int | None:
+    """The row block of the int4pack layout if an [n, k] matrix is stored in whole blocks of it."""
+    block = _int4pack_block_size()
+    return block if block is not None and n % block == 0 else None
+
+
 def int4pack_layout_id() -> str:
     """A fingerprint of this machine's int4pack layout: stores record it, loads check it."""
     if not int4pack_available():
