@@ -17,7 +17,7 @@ import torch
 from . import kernels_grouped
 from .quant import QMatrix, int4pack_block
 
-PREFILL_ROWS = 32  # token rows from which unpacking wins (measured crossover 16-24 rows per matrix)
+PREFILL_ROWS = 32  # token rows from which unpacking wins (a whole expert measured: even at 16 rows, 1.3x at 32)
 
 
 @functools.lru_cache(maxsize=1)
