@@ -42,8 +42,11 @@ def run_demo(workdir: str | Path = ".demo", max_new_tokens: int = 48) -> dict:
     names = list(runs)
     width = max(len(r[0]) for r in ROWS) + 2
     print(" " * width + "".join(f"{n:>36}" for n in names))
+    def cell(stats, key, fmt):  # no guesses, no precision or recall to show
+        return "-" if key.startswith("prefetch_") and not stats["prefetch_guesses"] else fmt.format(stats[key])
+
     for label, key, fmt in ROWS:
-        print(f"{label:<{width}}" + "".join(f"{fmt.format(runs[n]['stats'][key]):>36}" for n in names))
+        print(f"{label:<{width}}" + "".join(f"{cell(runs[n]['stats'], key, fmt):>36}" for n in names))
     for label, fn in (("MiB read from disk", lambda s: f"{sum(s['bytes_read'].values()) / 2**20:.1f}"),
                       ("peak RSS", lambda s: format_size(s["peak_rss_bytes"]))):
         print(f"{label:<{width}}" + "".join(f"{fn(runs[n]['stats']):>36}" for n in names))
