@@ -1,64 +1,195 @@
-"""Per-architecture facts: where routers and experts live, and how checkpoints name expert weights."""
+"""What offloading needs to know about a model, read from transformers' own classes.
+
+transformers 5 decorates the experts class of each of its MoE families with
+`use_experts_implementation`, which records how the experts' weights are laid out (`is_transposed`,
+`is_concatenated`, `has_bias`, `has_gate`, `has_post_expert_norm`) and how they gate (`_apply_gate`),
+and routes their forward through `ALL_EXPERTS_FUNCTIONS`. So one walk over a model built on the
+meta device finds every MoE layer (dense first layers, `mlp_only_layers`, sparse steps and
+interleaving all show up as layers without an experts module), the router next to each experts
+module, and the per-expert tensors. Only what cannot be read off the classes sits in FAMILIES.
+"""
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import torch
 
 from .errors import MoeOffloadError
 
+# The per-expert tensors the experts seam knows (transformers' generic experts functions use these names).
+EXPERT_WEIGHTS = ("gate_up_proj", "up_proj", "down_proj")
+EXPERT_BIASES = ("gate_up_proj_bias", "up_proj_bias", "down_proj_bias")
+# Norms that a decoder layer applies to the residual stream before its MoE block, by family convention.
+MOE_NORMS = ("post_attention_layernorm", "pre_feedforward_layernorm", "ffn_norm", "pre_mlp_layernorm")
+
 
 @dataclass(frozen=True)
-class Arch:
+class Family:
+    """What a family needs beyond what its classes say (one short entry per family)."""
+
+    moe_norm: str | None = None  # the norm before the MoE block, when none of MOE_NORMS
+    refuse: str | None = None  # why it cannot be offloaded (shown to the user)
+
+
+FAMILIES: dict[str, Family] = {}
+
+
+@dataclass(frozen=True)
+class MoeLayer:
+    index: int  # the decoder layer's number
+    experts: str  # module path of its experts module
+    router: str  # module path of the router next to it
+    norm: str | None  # module path of the norm before the MoE block (prefetch replays it); None: unknown
+
+
+@dataclass(frozen=True)
+class MoeSpec:
+    """A model's MoE structure: which layers, how many experts, and the math of one expert."""
+
     model_type: str
-    # On disk: one regex per expert matrix; groups are (layer, expert).
-    expert_key: re.Pattern
-    gate: str  # names of the matrices on disk (gate, up, down)
-    up: str
-    down: str
-    # In memory (transformers 5 module tree, relative to each decoder layer).
-    moe_block: str = "mlp"
-    router: str = "gate"
-    experts: str = "experts"
-    moe_norm: str = "post_attention_layernorm"  # the norm applied to the MoE block's input
-    # Renames from checkpoint keys to the in-memory module tree.
-    renames: tuple[tuple[str, str], ...] = ()
+    layers: tuple[MoeLayer, ...]
+    num_experts: int
+    top_k: int
+    expert_params: tuple[str, ...]  # the experts module's per-expert tensors, e.g. gate_up_proj, down_proj
+    is_transposed: bool
+    has_bias: bool
+    has_gate: bool
+    has_post_expert_norm: bool
+    shared: tuple[str, ...] = field(default=())  # shared experts' module paths (resident, part of the dense part)
+    num_decoder_layers: int = 0
 
-    def num_experts(self, config) -> int:
-        return config.num_local_experts
+    @property
+    def moe_layers(self) -> list[int]:
+        return [layer.index for layer in self.layers]
 
-    def top_k(self, config) -> int:
-        return config.num_experts_per_tok
+    def layer(self, index: int) -> MoeLayer:
+        return next(layer for layer in self.layers if layer.index == index)
 
-    def memory_name(self, key: str) -> str:
-        for old, new in self.renames:
-            key = key.replace(old, new)
-        return key
-
-    def match_expert(self, key: str) -> tuple[int, int, str] | None:
-        """'model.layers.3.block_sparse_moe.experts.5.w1.weight' -> (3, 5, 'w1')."""
-        m = self.expert_key.fullmatch(key)
-        return (int(m.group(1)), int(m.group(2)), m.group(3)) if m else None
+    def summary(self) -> str:
+        dense = self.num_decoder_layers - len(self.layers) if self.num_decoder_layers else 0
+        parts = [f"family {self.model_type}: {len(self.layers)} MoE layer(s)"
+                 + (f" (and {dense} dense)" if dense else ""),
+                 f"{self.num_experts} experts per layer, top-{self.top_k}"]
+        if self.shared:
+            parts.append(f"shared experts ({self.shared[0].rpartition('.')[2]}) resident")
+        return ", ".join(parts)
 
 
-MIXTRAL = Arch(
-    model_type="mixtral",
-    expert_key=re.compile(r"model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w1|w2|w3)\.weight"),
-    gate="w1", up="w3", down="w2",
-    renames=((".block_sparse_moe.", ".mlp."),),
-)
-
-ARCHS = {a.model_type: a for a in (MIXTRAL,)}
-# Families transformers knows as MoE, but that this version of the project does not run yet.
-KNOWN_MOE = {"qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss", "phimoe", "dbrx", "jamba", "granitemoe"}
+def is_experts_module(module: torch.nn.Module) -> bool:
+    """An experts module built by a class that uses transformers' experts seam."""
+    return hasattr(type(module), "_apply_gate") and hasattr(module, "is_transposed")
 
 
-def arch_for(config) -> Arch:
-    model_type = getattr(config, "model_type", None)
-    if model_type in ARCHS:
-        return ARCHS[model_type]
-    supported = ", ".join(sorted(ARCHS))
-    if model_type in KNOWN_MOE:
-        raise MoeOffloadError(f"the MoE architecture {model_type!r} is not supported yet (supported: {supported})")
-    raise MoeOffloadError(
-        f"{model_type!r} is not a supported Mixture-of-Experts architecture (supported: {supported}); "
-        "dense models do not need expert offloading")
+def build_meta_model(config, experts_implementation: str | None = None, dtype: torch.dtype | None = None):
+    """The model's skeleton on the meta device (costs no memory)."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"experts_implementation": experts_implementation} if experts_implementation else {}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, **kwargs)
+    except ValueError as e:
+        raise MoeOffloadError(f"the model type {config.model_type!r} is not a causal language model that "
+                              f"transformers can build ({str(e).splitlines()[0]})") from e
+
+
+def describe(model) -> MoeSpec:
+    """Read a model's MoE structure off its modules; raise MoeOffloadError saying what is unsupported."""
+    config = model.config
+    model_type = getattr(config, "model_type", "?")
+    family = FAMILIES.get(model_type, Family())
+    if family.refuse:
+        raise MoeOffloadError(f"the model family {model_type!r} is not supported: {family.refuse}")
+    found = [(name, m) for name, m in model.named_modules() if is_experts_module(m)]
+    if not found:
+        raise MoeOffloadError(_why_no_experts(model, model_type))
+    layers, params, shared = [], None, []
+    num_experts = top_k = None
+    for name, experts in found:
+        match = re.search(r"(.*\.layers)\.(\d+)\.", name)
+        if not match:
+            raise MoeOffloadError(f"{model_type}: the experts module {name} sits outside the decoder layers; "
+                                  "only decoder-layer MoE blocks are supported")
+        layer_path = f"{match.group(1)}.{match.group(2)}"
+        block_path = name.rpartition(".")[0]
+        block = model.get_submodule(block_path)
+        n = getattr(experts, "num_experts", None) or next(iter(experts.parameters())).shape[0]
+        own = _expert_params(experts, n, model_type, name)
+        router = _router(block, experts, n, model_type, block_path)
+        norm = _norm(model, layer_path, family)
+        layers.append(MoeLayer(int(match.group(2)), name, f"{block_path}.{router}" if block_path else router,
+                               norm))
+        shared += [f"{block_path}.{c}" for c, _ in block.named_children() if c.startswith("shared_expert")
+                   and not c.endswith("_gate")]
+        if params is None:
+            params, num_experts = own, n
+            top_k = _top_k(model.get_submodule(layers[-1].router), config)
+        elif own != params or n != num_experts:
+            raise MoeOffloadError(f"{model_type}: MoE layers differ in their experts ({name}); "
+                                  "layers of different expert shapes are not supported")
+    first = found[0][1]
+    decoder_layers = model.get_submodule(re.search(r"(.*\.layers)\.\d+\.", found[0][0]).group(1))
+    return MoeSpec(model_type, tuple(layers), num_experts, top_k, params, bool(first.is_transposed),
+                   bool(first.has_bias), bool(first.has_gate), bool(first.has_post_expert_norm), tuple(shared),
+                   num_decoder_layers=len(decoder_layers))
+
+
+def _why_no_experts(model, model_type: str) -> str:
+    moe_words = ("experts", "num_local_experts", "n_routed_experts", "moe_intermediate_size")
+    looks_moe = any(getattr(model.config, w, None) for w in moe_words) or any(
+        "expert" in name for name, _ in model.named_modules())
+    if looks_moe:
+        return (f"the model family {model_type!r} keeps its experts in modules that do not use transformers' "
+                "experts seam (`use_experts_implementation`), which moe-offload offloads through; "
+                "no other layout is supported")
+    return (f"{model_type!r} is not a Mixture-of-Experts model (no experts module found); dense models do not "
+            "need expert offloading")
+
+
+def _expert_params(experts, n: int, model_type: str, name: str) -> tuple[str, ...]:
+    own = tuple(p for p, t in experts.named_parameters(recurse=False) if t.dim() >= 2 or p in EXPERT_BIASES)
+    unknown = [p for p in own if p not in EXPERT_WEIGHTS + EXPERT_BIASES]
+    if unknown:
+        raise MoeOffloadError(f"{model_type}: the experts of {name} hold tensors moe-offload does not know how to "
+                              f"offload ({', '.join(unknown)})")
+    if "down_proj" not in own:
+        raise MoeOffloadError(f"{model_type}: the experts of {name} have no down_proj")
+    bad = [p for p in own if experts.get_parameter(p).shape[0] != n]
+    if bad:
+        raise MoeOffloadError(f"{model_type}: {name}.{bad[0]} is not stacked by expert")
+    return own
+
+
+def _router(block, experts, n: int, model_type: str, block_path: str) -> str:
+    """The child of the MoE block holding the router weight [num_experts, hidden]."""
+    candidates = []
+    for child_name, child in block.named_children():
+        if child is experts:
+            continue
+        w = getattr(child, "weight", None)
+        if isinstance(w, torch.Tensor) and w.dim() == 2 and w.shape[0] == n:
+            candidates.append(child_name)
+    preferred = [c for c in candidates if c in ("gate", "router")] or candidates
+    if not preferred:
+        raise MoeOffloadError(f"{model_type}: no router found next to the experts in {block_path}")
+    return preferred[0]
+
+
+def _norm(model, layer_path: str, family: Family) -> str | None:
+    layer = model.get_submodule(layer_path)
+    for name in ((family.moe_norm,) if family.moe_norm else MOE_NORMS):
+        if isinstance(getattr(layer, name, None), torch.nn.Module):
+            return f"{layer_path}.{name}"
+    return None
+
+
+def _top_k(router, config) -> int:
+    for source, attr in ((router, "top_k"), (config, "num_experts_per_tok"), (config, "moe_topk"),
+                         (config, "top_k"), (config, "num_experts_per_token")):
+        value = getattr(source, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    raise MoeOffloadError(f"{config.model_type}: cannot tell how many experts the router picks per token")

@@ -148,7 +148,7 @@ class ExpertCache:
                         slot = self.residency.get(key)
                         if slot is not None:
                             pool.lru.move_to_end(key)
-                            self.stats.hits[layer] += 1
+                            self.stats.hits[self.stats.position[layer]] += 1
                             if slot.speculative:
                                 slot.speculative = False
                                 self.stats.prefetch_useful += 1
@@ -157,7 +157,7 @@ class ExpertCache:
                             if slot is None:
                                 break  # every slot is pinned or loading: compute, then come back
                             self._load(pool, slot, key)
-                            self.stats.misses[layer] += 1
+                            self.stats.misses[self.stats.position[layer]] += 1
                         slot.pins += 1
                         active.append((pending.pop(0), slot))
                 if not active:  # only other loads (prefetches) hold the pool: wait for one

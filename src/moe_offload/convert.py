@@ -14,6 +14,7 @@ import math
 import os
 import shutil
 import struct
+import sys
 import time
 import uuid
 import zlib
@@ -27,7 +28,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from . import __version__
-from .archs import Arch, arch_for
+from .archs import MoeSpec, build_meta_model, describe
+from .checkpoint import CheckpointMap
 from .config import QuantConfig
 from .errors import MoeOffloadError
 from .quant import QMatrix, int4pack_layout_id, quantize
@@ -80,12 +82,22 @@ class _Shards:
     file, and the pages a tensor touched stay resident (RSS) for as long as the mapping lives, which
     over a whole checkpoint adds up to its size. Safe to share between the worker threads."""
 
+    source_format = "plain"
+
     def __init__(self, index: dict[str, Path]):
         self.index = index
+
+    def keys(self) -> list[str]:
+        return list(self.index)
 
     def get(self, key: str) -> torch.Tensor:
         with safe_open(self.index[key], "pt") as f:
             return f.get_tensor(key)
+
+    def get_slice(self, key: str, i: int) -> torch.Tensor:
+        """One expert of a tensor stacked by expert, read alone."""
+        with safe_open(self.index[key], "pt") as f:
+            return f.get_slice(key)[i]
 
 
 def _usable_cores() -> int:
@@ -148,64 +160,49 @@ def _ordered_map(fn, items, workers: int, threads: int = 1):
         torch.set_num_threads(threads_before)  # what new threads inherit; this thread's own is unchanged
 
 
-def _largest_quantized(shards: "_Shards", index, arch: Arch, experts, dense_linears, quant: QuantConfig) -> int:
-    """Parameters of the largest matrix convert quantizes (read from the headers, nothing loaded)."""
-    def numel(key):
-        f = shards.index[key]
-        with safe_open(f, "pt") as sf:
-            shape = sf.get_slice(key).get_shape()
-        return math.prod(shape)
-
+def _largest_quantized(model, spec: MoeSpec, dense_linears, quant: QuantConfig) -> int:
+    """Parameters of the largest matrix convert quantizes (from the meta model: nothing loaded)."""
     largest = 0
     if quant.expert_bits < 16:
-        keys = next(iter(next(iter(experts.values())).values()))
-        largest = max(numel(keys["gate"]) + numel(keys["up"]), numel(keys["down"]))
+        experts = model.get_submodule(spec.layers[0].experts)
+        largest = max(math.prod(experts.get_parameter(p).shape[1:]) for p in spec.expert_params
+                      if not p.endswith("_bias"))
     if quant.dense_bits < 16:
-        largest = max([largest] + [numel(k) for k in index
-                                   if not arch.match_expert(k) and arch.memory_name(k) in dense_linears])
+        largest = max([largest] + [math.prod(model.get_parameter(n).shape) for n in dense_linears])
     return largest
 
 
-def _dense_linears(config, arch: Arch) -> set[str]:
-    """In-memory names of the nn.Linear weights of the dense part (routers excluded)."""
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    tied = getattr(config, "tie_word_embeddings", False)
+def _dense_linears(model, spec: MoeSpec) -> set[str]:
+    """In-memory names of the nn.Linear weights of the dense part that get quantized: not the routers,
+    not gates with a handful of outputs (a shared expert's sigmoid gate), not a tied lm_head."""
+    routers = {layer.router for layer in spec.layers}
+    tied = getattr(model.config, "tie_word_embeddings", False)
     out = set()
     for name, module in model.named_modules():
-        if not isinstance(module, torch.nn.Linear):
+        if not isinstance(module, torch.nn.Linear) or name in routers or module.out_features < 16:
             continue
-        if f".{arch.moe_block}.{arch.router}" in name or (tied and name == "lm_head"):
+        if tied and name == "lm_head":
             continue
         out.add(name + ".weight")
     return out
 
 
-def _expert_keys(index, arch: Arch, config) -> dict[int, dict[int, dict[str, str]]]:
-    """layer -> expert -> {'gate'|'up'|'down': checkpoint key}, checked complete."""
-    names = {arch.gate: "gate", arch.up: "up", arch.down: "down"}
-    found: dict[int, dict[int, dict[str, str]]] = {}
-    for key in index:
-        m = arch.match_expert(key)
-        if m:
-            layer, expert, which = m
-            found.setdefault(layer, {}).setdefault(expert, {})[names[which]] = key
-    if not found:
-        raise MoeOffloadError("the checkpoint holds no expert weights under the names this architecture uses")
-    num_experts = arch.num_experts(config)
-    for layer, experts in found.items():
-        for e in range(num_experts):
-            if len(experts.get(e, {})) != 3:
-                raise MoeOffloadError(f"the checkpoint is missing weights of expert {e} in layer {layer}")
-    return dict(sorted(found.items()))
-
-
-def _quantize_expert(shards: _Shards, keys: dict[str, str], quant: QuantConfig) -> dict[str, QMatrix]:
-    gate_up = torch.cat([shards.get(keys["gate"]), shards.get(keys["up"])])  # [2I, H], like transformers
+def _quantize_expert(cmap: CheckpointMap, sources, spec: MoeSpec, job: tuple[int, int],
+                     quant: QuantConfig) -> dict:
+    """One expert as the blob holds it: "gate_up" [2I, H] (or "up" alone when the family has no gate)
+    in the row order of transformers' fused tensor, so the family's own gating applies to its output;
+    "down" [H, I]; biases as float32 vectors."""
+    layer, expert = job
+    first = "gate_up_proj" if spec.has_gate else "up_proj"
     bits, group = quant.expert_bits, quant.group_for(quant.expert_bits)
-    return {"gate_up": quantize(gate_up, bits, group), "down": quantize(shards.get(keys["down"]), bits, group)}
+    out = {}
+    for name, param in (("gate_up", first), ("down", "down_proj")):
+        w = cmap.expert_tensor(sources, layer, param, expert)
+        w = w.t() if spec.is_transposed else w  # stored [in, out]: the kernels read [out, in]
+        out[name] = quantize(w.contiguous(), bits, group)
+        if spec.has_bias:
+            out[f"{name}_bias"] = cmap.expert_tensor(sources, layer, f"{param}_bias", expert).float().contiguous()
+    return out
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, *, expert_bits: int = 4, dense_bits: int = 4,
@@ -220,50 +217,58 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, expert_bits: int 
         raise MoeOffloadError(f"workers must be at least 1, got {workers}")
     src, dst = Path(src), Path(dst)
     config = _load_config(src)
-    arch = arch_for(config)
+    model = build_meta_model(config)
+    spec = describe(model)
     if dst.exists() and not overwrite:
         raise MoeOffloadError(f"{dst} already exists; choose another destination or pass overwrite (--force)")
     index = _shard_index(src)
-    experts = _expert_keys(index, arch, config)
-    dense_linears = _dense_linears(config, arch)
+    sources = _Shards(index)
+    cmap = CheckpointMap(model, spec, sources.keys())
+    dense_linears = _dense_linears(model, spec)
+    if progress:
+        print(f"{src}: {spec.summary()}; {sources.source_format} weights -> {quant.expert_bits}-bit experts, "
+              f"{quant.dense_bits}-bit dense", file=sys.stderr)
 
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.parent / f".{dst.name}.partial-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         started = time.perf_counter()
-        shards = _Shards(index)
-        plan = plan_workers(_largest_quantized(shards, index, arch, experts, dense_linears, quant), workers)
+        plan = plan_workers(_largest_quantized(model, spec, dense_linears, quant), workers)
+        del model
         # Only HQQ (2-4 bits) gains from workers; 8-bit and copies are faster on torch's own threads.
         dense_plan = plan if quant.dense_bits <= 4 else (1, 1)
         expert_plan = plan if quant.expert_bits <= 4 else (1, 1)
-        dense_meta = _write_dense(shards, index, arch, dense_linears, quant, tmp / DENSE_FILE, progress, dense_plan)
+        dense_meta = _write_dense(sources, cmap.dense, dense_linears, quant, tmp / DENSE_FILE, progress, dense_plan)
         experts_started = time.perf_counter()
-        layout, blobs, experts_size = _write_experts(shards, experts, quant, tmp / EXPERTS_FILE, progress,
+        layout, blobs, experts_size = _write_experts(cmap, sources, spec, quant, tmp / EXPERTS_FILE, progress,
                                                      expert_plan)
         experts_seconds = time.perf_counter() - experts_started
         for f in src.iterdir():
             if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES) and f.name != "model.safetensors.index.json":
                 shutil.copy2(f, tmp / f.name)
-        num_experts = arch.num_experts(config)
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "created_by": f"moe-offload {__version__}",
-            "architecture": arch.model_type,
-            "source": {"path": str(src.resolve()), "fingerprint": _fingerprint(src, index.values())},
+            "architecture": spec.model_type,
+            "source": {"path": str(src.resolve()), "fingerprint": _fingerprint(src, index.values()),
+                       "format": sources.source_format, "skipped_tensors": len(cmap.skipped)},
             "quant": {"expert_bits": quant.expert_bits, "dense_bits": quant.dense_bits,
                       "expert_group": quant.group_for(quant.expert_bits) if quant.expert_bits < 16 else None,
                       "dense_group": quant.group_for(quant.dense_bits) if quant.dense_bits < 16 else None},
             "int4pack_layout": int4pack_layout_id(),
-            "num_moe_layers": len(experts), "moe_layers": list(experts), "num_experts": num_experts,
-            "top_k": arch.top_k(config),
+            "num_moe_layers": len(spec.layers), "moe_layers": spec.moe_layers, "num_experts": spec.num_experts,
+            "top_k": spec.top_k,
+            "experts": {"params": list(spec.expert_params), "is_transposed": spec.is_transposed,
+                        "has_bias": spec.has_bias, "has_gate": spec.has_gate,
+                        "has_post_expert_norm": spec.has_post_expert_norm, "shared": list(spec.shared)},
             "expert_layout": {"matrices": layout.matrices, "size": layout.size},
             "experts_file_size": experts_size,
-            "blobs": {str(layer): blobs[layer] for layer in experts},
+            "blobs": {str(layer): blobs[layer] for layer in spec.moe_layers},
             "dense_file_size": (tmp / DENSE_FILE).stat().st_size,
             "dense_crc32": crc32_file(tmp / DENSE_FILE),
             "dense_linears": dense_meta,
             "convert_seconds": round(time.perf_counter() - started, 2),
-            "convert_seconds_per_expert": round(experts_seconds / max(1, sum(map(len, experts.values()))), 3),
+            "convert_seconds_per_expert": round(experts_seconds / max(1, len(spec.layers) * spec.num_experts), 3),
             "convert_workers": expert_plan[0],
         }
         # The manifest is written last: a folder without it is never taken for a store.
@@ -278,23 +283,23 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, expert_bits: int 
     return dst
 
 
-def _write_dense(shards, index, arch, dense_linears, quant: QuantConfig, path: Path, progress: bool = False,
-                 plan: tuple[int, int] = (1, 1)) -> dict:
+def _write_dense(sources, dense: dict[str, str], dense_linears, quant: QuantConfig, path: Path,
+                 progress: bool = False, plan: tuple[int, int] = (1, 1)) -> dict:
+    """dense: in-memory name -> checkpoint key of every non-expert tensor."""
     from tqdm.auto import tqdm
 
-    keys = [key for key in index if not arch.match_expert(key)]
-    quantized = [k for k in keys if arch.memory_name(k) in dense_linears and quant.dense_bits < 16]
+    names = list(dense)
+    quantized = [n for n in names if n in dense_linears and quant.dense_bits < 16]
 
-    def one(key):
-        name = arch.memory_name(key)
-        t = shards.get(key)
+    def one(name):
+        t = sources.get(dense[name])
         if name in dense_linears and quant.dense_bits < 16:
             return name, quantize(t, quant.dense_bits, quant.group_for(quant.dense_bits))
         return name, t.contiguous()
 
     tensors, meta = {}, {}
     with tqdm(total=len(quantized), unit="matrix", desc="quantizing dense weights", dynamic_ncols=True,
-              disable=not progress or not quantized, leave=False) as bar, closing(_ordered_map(one, keys, *plan)) as results:
+              disable=not progress or not quantized, leave=False) as bar, closing(_ordered_map(one, names, *plan)) as results:
         for name, m in results:
             if isinstance(m, torch.Tensor):
                 tensors[name] = m
@@ -307,10 +312,11 @@ def _write_dense(shards, index, arch, dense_linears, quant: QuantConfig, path: P
     return meta
 
 
-def _write_experts(shards, experts, quant, path: Path, progress: bool, plan: tuple[int, int] = (1, 1)):
+def _write_experts(cmap: CheckpointMap, sources, spec: MoeSpec, quant, path: Path, progress: bool,
+                   plan: tuple[int, int] = (1, 1)):
     from tqdm.auto import tqdm
 
-    jobs = [by_expert[e] for by_expert in experts.values() for e in sorted(by_expert)]
+    jobs = [(layer, e) for layer in spec.moe_layers for e in range(spec.num_experts)]
     total = len(jobs)
     layout, blobs, offset, done = None, {}, 0, 0
     # Rate and ETA from the mean over the whole run (smoothing=0): parallel workers finish experts in
@@ -319,19 +325,18 @@ def _write_experts(shards, experts, quant, path: Path, progress: bool, plan: tup
     with open(path, "wb") as f, tqdm(total=total, unit="expert", desc="converting experts", smoothing=0,
                                      bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]",
                                      disable=not progress, dynamic_ncols=True) as bar, \
-            closing(_ordered_map(lambda keys: _quantize_expert(shards, keys, quant), jobs, *plan)) as results:
-        for layer, by_expert in experts.items():
-            blobs[layer] = []
-            for _ in by_expert:
-                matrices = next(results)
-                layout = layout or BlobLayout.for_matrices(matrices)
-                data = layout.pack(matrices)
-                f.write(data)
-                blobs[layer].append({"offset": offset, "size": len(data), "crc32": zlib.crc32(data)})
-                offset += len(data)
-                done += 1
-                bar.set_postfix_str(f"{(time.perf_counter() - started) / done:.2f} s/expert", refresh=False)
-                bar.update(1)
+            closing(_ordered_map(lambda job: _quantize_expert(cmap, sources, spec, job, quant), jobs,
+                                 *plan)) as results:
+        for layer, _ in jobs:
+            matrices = next(results)
+            layout = layout or BlobLayout.for_matrices(matrices)
+            data = layout.pack(matrices)
+            f.write(data)
+            blobs.setdefault(layer, []).append({"offset": offset, "size": len(data), "crc32": zlib.crc32(data)})
+            offset += len(data)
+            done += 1
+            bar.set_postfix_str(f"{(time.perf_counter() - started) / done:.2f} s/expert", refresh=False)
+            bar.update(1)
         f.flush()
         os.fsync(f.fileno())
     return layout, blobs, offset

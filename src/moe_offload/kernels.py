@@ -51,19 +51,32 @@ def linear(x: torch.Tensor, m: QMatrix) -> torch.Tensor:
     return y if y is not None else F.linear(x, dequantize(m).to(x.dtype))
 
 
-def expert_forward(x: torch.Tensor, gate_up: QMatrix, down: QMatrix, act) -> torch.Tensor:
-    """One SwiGLU expert: down(act(gate(x)) * up(x)); gate and up are one fused [2I, H] matrix."""
-    if gate_up.fmt == down.fmt == "int4pack" and x.dim() == 2 and not getattr(_state, "reference", False):
-        return _int4pack_expert(x, gate_up, down, act)
-    gate, up = linear(x, gate_up).chunk(2, dim=-1)
-    return linear(act(gate) * up, down)
+def expert_forward(x: torch.Tensor, gate_up: QMatrix, down: QMatrix, act=None, *, gate=None,
+                   gate_up_bias: torch.Tensor | None = None, down_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """One gated expert: down(gate(gate_up(x))). `gate` maps the [T, 2I] gate_up output to [T, I]
+    (a family's own gating, e.g. gpt-oss's clamped SwiGLU on interleaved columns); by default it is
+    SwiGLU on concatenated halves, act(gate) * up, with `act`."""
+    gate = gate or (lambda y: _swiglu(y, act))
+    if (gate_up.fmt == down.fmt == "int4pack" and x.dim() == 2 and gate_up_bias is None and down_bias is None
+            and not getattr(_state, "reference", False)):
+        return _int4pack_expert(x, gate_up, down, gate)
+    y = linear(x, gate_up)
+    if gate_up_bias is not None:
+        y = y + gate_up_bias.to(y.dtype)
+    y = linear(gate(y), down)
+    return y if down_bias is None else y + down_bias.to(y.dtype)
 
 
-def _int4pack_expert(x: torch.Tensor, gate_up: QMatrix, down: QMatrix, act) -> torch.Tensor:
+def _swiglu(y: torch.Tensor, act) -> torch.Tensor:
+    g, up = y.chunk(2, dim=-1)
+    return act(g) * up
+
+
+def _int4pack_expert(x: torch.Tensor, gate_up: QMatrix, down: QMatrix, gate) -> torch.Tensor:
     """expert_forward's arithmetic with one dtype round trip per matrix and no reshapes: in decode
     the expert's Python costs as much as a small matrix product."""
-    gate, up = _int4pack_mm(x.to(torch.bfloat16).contiguous(), gate_up).float().chunk(2, dim=-1)
-    return _int4pack_mm((act(gate) * up).to(torch.bfloat16), down).to(x.dtype)
+    h = gate(_int4pack_mm(x.to(torch.bfloat16).contiguous(), gate_up).float())
+    return _int4pack_mm(h.to(torch.bfloat16), down).to(x.dtype)
 
 
 def _int4pack_mm(x: torch.Tensor, m: QMatrix) -> torch.Tensor:

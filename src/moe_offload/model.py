@@ -1,8 +1,9 @@
 """load(): a transformers model whose dense part is resident and whose experts live in the store.
 
-The skeleton is built on the meta device, dense weights are copied in from the store one tensor
-at a time, and each MoE block's `experts` is swapped for OffloadedExperts, so expert weights
-never exist in memory except in the cache's slots.
+The skeleton is built on the meta device with the "moe_offload" experts implementation (moe.py),
+dense weights are copied in from the store one tensor at a time, and each experts module loses its
+expert tensors and reads its experts from the cache's slots: expert weights never exist in memory
+anywhere else.
 """
 from __future__ import annotations
 
@@ -14,13 +15,12 @@ from types import MethodType
 import torch
 from torch import nn
 
-from . import kernels, kernels_int4pack
-from .archs import arch_for
+from . import kernels, kernels_int4pack, moe
+from .archs import MoeSpec, build_meta_model, describe
 from .cache import ExpertCache
 from .config import OffloadConfig, format_size
 from .errors import MoeOffloadError
 from .loader import make_loader
-from .moe import OffloadedExperts
 from .prefetch import Prefetcher
 from .quant import QMatrix, int4pack_layout_id
 from .stats import OffloadStats
@@ -111,7 +111,7 @@ def load(store: str | os.PathLike, *, device: str = "cpu", expert_cache: int | s
     other way to say it; by default the cache holds a quarter of the experts. The returned model
     has `offload_stats()` and `close()` besides everything transformers gives.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    from transformers import AutoConfig, GenerationConfig
 
     cfg = OffloadConfig(device, expert_cache, experts_per_layer, prefetch, lookahead, policy, cache_scope)
     if device != "cpu":
@@ -119,34 +119,27 @@ def load(store: str | os.PathLike, *, device: str = "cpu", expert_cache: int | s
         raise MoeOffloadError(f"device {device!r}: this version computes on the CPU only; use device='cpu'")
     st = Store.open(store)
     config = AutoConfig.from_pretrained(st.path, local_files_only=True)
-    arch = arch_for(config)
     int4pack_shapes = {(m["n"], m["k"]) for m in _all_formats(st) if m["fmt"] == "int4pack"}
     uses_int4pack = bool(int4pack_shapes)
     if uses_int4pack and st.manifest["int4pack_layout"] != int4pack_layout_id():
         raise MoeOffloadError(f"{st.path} was converted on a CPU whose int4 weight layout differs from this one's; "
                               "run `moe-offload convert` again on this machine")
+    per_pool = slots_per_pool(st, cfg)
+    model = build_meta_model(config, moe.IMPLEMENTATION, dtype)
+    spec = describe(model)
+    if spec.moe_layers != st.moe_layers or spec.num_experts != st.num_experts:
+        raise MoeOffloadError(f"{st.path} does not match its own config.json (MoE layers or experts differ): "
+                              "convert again")
     if uses_int4pack:
         kernels_int4pack.warm_up(int4pack_shapes)  # the first long prompt would pay for it otherwise
-    per_pool = slots_per_pool(st, cfg)
 
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    stats = OffloadStats(st.num_layers)
+    stats = OffloadStats(st.moe_layers)
     loader = make_loader(st, stats, device)
-    layout = st.layout
-    cache = ExpertCache(st.moe_layers, per_pool, st.blob_size, loader, stats, cfg.cache_scope, layout.views)
-    layers = model.model.layers
-    routers = {i: getattr(layers[i], arch.moe_block).get_submodule(arch.router) for i in st.moe_layers}
-    norms = {i: layers[i].get_submodule(arch.moe_norm) for i in st.moe_layers}
-    # The embedding stands in for the first MoE layer's input only when no dense layer precedes it.
-    embed = model.get_input_embeddings() if st.moe_layers[0] == 0 else None
-    prefetcher = Prefetcher(cache, stats, routers, norms, cfg.prefetch, cfg.lookahead, embed) if cfg.prefetch else None
+    cache = ExpertCache(st.moe_layers, per_pool, st.blob_size, loader, stats, cfg.cache_scope, st.layout.views)
+    prefetcher = _prefetcher(model, spec, cache, stats, cfg) if cfg.prefetch else None
     runtime = OffloadRuntime(st, cache, loader, prefetcher, stats)
-
-    for i in st.moe_layers:
-        block = getattr(layers[i], arch.moe_block)
-        act = block.experts.act_fn
-        setattr(block, arch.experts, OffloadedExperts(i, st.num_experts, act, runtime))
+    for layer in spec.layers:
+        moe.attach(model.get_submodule(layer.experts), layer.index, runtime, spec.expert_params)
     _swap_quantized_linears(model, st.manifest["dense_linears"])
     _load_dense(model, st, dtype)
     _rebuild_meta_buffers(model)
@@ -154,11 +147,24 @@ def load(store: str | os.PathLike, *, device: str = "cpu", expert_cache: int | s
     _check_no_meta(model)
     model.generation_config = _generation_config(st, config, GenerationConfig)
     model.eval()
-    _install_hooks(model, runtime, arch, st.moe_layers)
+    _install_hooks(model, runtime, spec)
     model.offload_runtime = runtime
+    model.offload_spec = spec
     model.offload_stats = MethodType(lambda self: self.offload_runtime.stats, model)
     model.close = MethodType(lambda self: self.offload_runtime.close(), model)
     return model
+
+
+def _prefetcher(model, spec: MoeSpec, cache, stats, cfg) -> Prefetcher | None:
+    """Guesses need each MoE layer's router and the norm in front of it; families whose norm is
+    unknown run without speculation."""
+    if any(layer.norm is None for layer in spec.layers):
+        return None
+    routers = {layer.index: model.get_submodule(layer.router) for layer in spec.layers}
+    norms = {layer.index: model.get_submodule(layer.norm) for layer in spec.layers}
+    # The embedding stands in for the first MoE layer's input only when no dense layer precedes it.
+    embed = model.get_input_embeddings() if spec.moe_layers[0] == 0 else None
+    return Prefetcher(cache, stats, routers, norms, cfg.prefetch, cfg.lookahead, embed)
 
 
 def _all_formats(st: Store):
@@ -215,19 +221,31 @@ def _generation_config(st: Store, config, GenerationConfig):
     return GenerationConfig.from_model_config(config)
 
 
-def _install_hooks(model: nn.Module, runtime: OffloadRuntime, arch, moe_layers: list[int]) -> None:
-    """Capture the residual stream before each MoE norm (for prefetch), guess the first layer's
-    experts for the next token from the logits, and time every forward."""
-    layers = model.model.layers
-    for i in moe_layers:
-        def keep_residual(module, args, layer=i):
-            runtime.residuals[layer] = args[0]
-        layers[i].get_submodule(arch.moe_norm).register_forward_pre_hook(keep_residual)
-
+def _install_hooks(model: nn.Module, runtime: OffloadRuntime, spec: MoeSpec) -> None:
+    """Capture the residual stream before each MoE norm (for prefetch), guess the first MoE layer's
+    experts (from the dense layer before it, or for the next token from the logits), and time every
+    forward."""
+    first = spec.layers[0]
     if runtime.prefetcher is not None:
-        def guess_next_token(module, args, logits):
-            runtime.prefetcher.guess_first_layer(logits)
-        model.get_output_embeddings().register_forward_hook(guess_next_token)
+        for layer in spec.layers:
+            def keep_residual(module, args, layer=layer.index):
+                runtime.residuals[layer] = args[0]
+            model.get_submodule(layer.norm).register_forward_pre_hook(keep_residual)
+        if first.index > 0:
+            # Dense layers come first: the one just before the first MoE layer guesses for it.
+            dense_norm = first.norm.replace(f".{first.index}.", f".{first.index - 1}.", 1)
+            try:
+                norm = model.get_submodule(dense_norm)
+            except AttributeError:
+                norm = None
+            if norm is not None:
+                def guess_first(module, args):
+                    runtime.prefetcher.guess(first.index - 1, args[0])
+                norm.register_forward_pre_hook(guess_first)
+        else:
+            def guess_next_token(module, args, logits):
+                runtime.prefetcher.guess_first_layer(logits)
+            model.get_output_embeddings().register_forward_hook(guess_next_token)
 
     stats = runtime.stats
     clock: dict[str, float] = {}

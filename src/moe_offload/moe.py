@@ -1,25 +1,47 @@
-"""OffloadedExperts: the module that replaces a model's experts.
+"""The experts seam: offloaded experts for every family whose experts class uses it.
 
-It keeps transformers' call signature, `experts(hidden[T, H], top_k_index[T, k], top_k_weights[T, k])
--> [T, H]`, and computes each needed expert from the cache slot holding it.
+transformers routes each decorated experts module's forward, `experts(hidden[T, H],
+top_k_index[T, k], top_k_weights[T, k]) -> [T, H]`, through `ALL_EXPERTS_FUNCTIONS` by the name
+in `config._experts_implementation`. We register "moe_offload": the stock module stays in the
+model (its expert tensors removed), so its flags and its own gating (`_apply_gate`, e.g. gpt-oss's
+clamped SwiGLU) and post-expert norm still apply, while the weights come from the cache slots.
 """
 from __future__ import annotations
 
 import torch
-from torch import nn
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from . import kernels
 
+IMPLEMENTATION = "moe_offload"
 
-class OffloadedExperts(nn.Module):
-    def __init__(self, layer: int, num_experts: int, act, runtime):
-        super().__init__()
-        self.layer, self.num_experts, self.act_fn = layer, num_experts, act
-        self.runtime = runtime  # not a submodule: the cache and loader are shared by all layers
+
+class LayerExperts:
+    """One MoE layer's offloaded experts: attached to the stock experts module as `_offload`."""
+
+    def __init__(self, layer: int, module: torch.nn.Module, runtime):
+        self.layer, self.runtime = layer, runtime
+        self.num_experts = module.num_experts if hasattr(module, "num_experts") else runtime.store.num_experts
+        self.gate = module._apply_gate if module.has_gate else module.act_fn
+        self.post_norm = module.post_expert_norm if module.has_post_expert_norm else None
+        act = getattr(module, "act_fn", None)
+        # The stock gating is SwiGLU on concatenated halves: let the kernel fuse it (same arithmetic).
+        from transformers.integrations.moe import _default_apply_gate
+
+        self.fused_act = act if module.has_gate and type(module)._apply_gate is _default_apply_gate else None
+
+    def expert(self, x: torch.Tensor, w: dict) -> torch.Tensor:
+        if self.fused_act is not None:
+            y = kernels.expert_forward(x, w["gate_up"], w["down"], self.fused_act,
+                                       gate_up_bias=w.get("gate_up_bias"), down_bias=w.get("down_bias"))
+        else:
+            y = kernels.expert_forward(x, w["gate_up"], w["down"], gate=self.gate,
+                                       gate_up_bias=w.get("gate_up_bias"), down_bias=w.get("down_bias"))
+        return y if self.post_norm is None else self.post_norm(y)
 
     @torch.no_grad()
-    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                top_k_weights: torch.Tensor) -> torch.Tensor:
+    def __call__(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                 top_k_weights: torch.Tensor) -> torch.Tensor:
         rt = self.runtime
         residual = rt.residuals.pop(self.layer, None)
         if rt.prefetcher is not None and residual is not None:
@@ -28,23 +50,36 @@ class OffloadedExperts(nn.Module):
         out = None if decode else torch.zeros_like(hidden_states)
         if decode:
             # One token: no gather/scatter. index_add_ costs ~30x a plain add at this size (measured).
-            weight_of = dict(zip(top_k_index[0].tolist(), top_k_weights[0].tolist()))
-            used = sorted(weight_of)
+            weight_of = {}
+            for e, w in zip(top_k_index[0].tolist(), top_k_weights[0].tolist()):
+                weight_of[e] = weight_of.get(e, 0.0) + w
+            used = sorted(e for e in weight_of if e < self.num_experts)
         else:
-            used = torch.unique(top_k_index).tolist()
+            used = [e for e in torch.unique(top_k_index).tolist() if e < self.num_experts]
         if rt.prefetcher is not None:
             rt.prefetcher.score(self.layer, set(used))
         for expert, weights in rt.cache.stream(self.layer, used):
             if decode:
-                y = kernels.expert_forward(hidden_states, weights["gate_up"], weights["down"], self.act_fn)
-                y = y.mul_(weight_of[expert])
+                y = self.expert(hidden_states, weights).mul_(weight_of[expert])
                 out = y if out is None else out.add_(y)
                 continue
             token_idx, k_pos = torch.where(top_k_index == expert)
-            y = kernels.expert_forward(hidden_states[token_idx], weights["gate_up"], weights["down"], self.act_fn)
+            y = self.expert(hidden_states[token_idx], weights)
             y = y * top_k_weights[token_idx, k_pos, None]
             out.index_add_(0, token_idx, y.to(out.dtype))
         return out if out is not None else torch.zeros_like(hidden_states)
 
-    def extra_repr(self) -> str:
-        return f"layer={self.layer}, num_experts={self.num_experts}, offloaded"
+
+def offloaded_experts_forward(self, hidden_states, top_k_index, top_k_weights):
+    return self._offload(hidden_states, top_k_index, top_k_weights)
+
+
+ALL_EXPERTS_FUNCTIONS.register(IMPLEMENTATION, offloaded_experts_forward)
+
+
+def attach(module: torch.nn.Module, layer: int, runtime, expert_params) -> None:
+    """Make a stock experts module offloaded: drop its expert tensors (on the meta device, they cost
+    nothing, but they must not look like weights the store lacks) and hand its calls to the cache."""
+    for name in expert_params:
+        del module._parameters[name]
+    module._offload = LayerExperts(layer, module, runtime)

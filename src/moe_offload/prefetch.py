@@ -58,12 +58,13 @@ class Prefetcher:
 
     @torch.no_grad()
     def guess(self, layer: int, residual: torch.Tensor) -> None:
-        """Called when layer `layer`'s MoE input is known; `residual` is the stream before its norm."""
-        if self.prefetch <= 0 or not self._worth_guessing():
+        """Called when decoder layer `layer`'s MLP input is known (`residual`: the stream before its
+        norm): guess the next `lookahead` MoE layers after it. Dense layers are skipped over."""
+        targets = [t for t in self.layers if t > layer][:self.lookahead]
+        if self.prefetch <= 0 or not targets or not self._worth_guessing():
             return
-        pos = self.layers.index(layer)
         h = residual.reshape(-1, residual.shape[-1])
-        for target in self.layers[pos + 1:pos + 1 + self.lookahead]:
+        for target in targets:
             self._guess_layer(target, h)
 
     @torch.no_grad()
@@ -82,10 +83,7 @@ class Prefetcher:
     def _guess_layer(self, target: int, h: torch.Tensor, read: bool = True) -> None:
         if read and not self.cache.has_room(target):
             return  # nothing a guess may evict: skip the router (~0.2 ms a layer on a CPU)
-        logits = self.routers[target](self.norms[target](h))
-        logits = logits[0] if isinstance(logits, tuple) else logits
-        k = min(self.prefetch, logits.shape[-1])
-        top = logits.float().topk(k, dim=-1).indices.reshape(-1)
+        top = self._ranked(self.routers[target](self.norms[target](h))).reshape(-1)
         # Most probable first, so a nearly full pool takes the best guesses.
         experts = torch.unique(top, sorted=False).tolist() if h.shape[0] > 1 else top.tolist()
         if read:
@@ -93,6 +91,21 @@ class Prefetcher:
             self.cache.prefetch(target, experts)
         else:
             self.shadow.setdefault(target, set()).update(experts)
+
+    def _ranked(self, routed) -> torch.Tensor:
+        """The `prefetch` likeliest experts per token [T, K] from what a router module returns: its
+        own choice (top_k_index, ranked by its weights) when it returns one, so sigmoid, biased and
+        group-limited routers guess what they will pick; further guesses by raw logit."""
+        logits = routed[0] if isinstance(routed, tuple) else routed
+        k = min(self.prefetch, logits.shape[-1])
+        if not isinstance(routed, tuple) or len(routed) < 3:
+            return logits.float().topk(k, dim=-1).indices
+        weights, index = routed[-2], routed[-1]
+        chosen = index.gather(-1, weights.float().argsort(dim=-1, descending=True))
+        if k <= chosen.shape[-1]:
+            return chosen[..., :k]
+        rest = logits.float().scatter(-1, chosen, float("-inf")).topk(k - chosen.shape[-1], dim=-1).indices
+        return torch.cat([chosen, rest], dim=-1)
 
     def _worth_guessing(self) -> bool:
         return self.reads_gate.allow(self.stats.prefetch_loads, self.stats.prefetch_useful)

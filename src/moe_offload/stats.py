@@ -22,8 +22,11 @@ def peak_rss_bytes() -> int:
 class OffloadStats:
     """Counters updated by the cache, loader, prefetcher and model hooks; derived rates on read."""
 
-    def __init__(self, num_layers: int, cache_slots: int = 0):
-        self.num_layers = num_layers
+    def __init__(self, layers: int | list[int], cache_slots: int = 0):
+        # Per-layer counters are keyed by MoE layer: dense layers (DeepSeek's first ones) have none.
+        self.moe_layers = list(range(layers)) if isinstance(layers, int) else list(layers)
+        self.position = {layer: i for i, layer in enumerate(self.moe_layers)}
+        self.num_layers = len(self.moe_layers)
         self.cache_slots = cache_slots
         self._lock = threading.Lock()
         self.resident = lambda: 0  # set by the cache: how many experts are resident now
@@ -57,7 +60,7 @@ class OffloadStats:
 
     def record_access(self, layer: int, hit: bool) -> None:
         with self._lock:
-            (self.hits if hit else self.misses)[layer] += 1
+            (self.hits if hit else self.misses)[self.position[layer]] += 1
 
     def record_read(self, tier: str, nbytes: int) -> None:
         with self._lock:
@@ -82,7 +85,8 @@ class OffloadStats:
                 "hits": hits,
                 "misses": misses,
                 "hit_rate": round(hits / (hits + misses), 4) if hits + misses else 0.0,
-                "hits_per_layer": list(self.hits),
+                "moe_layers": list(self.moe_layers),
+                "hits_per_layer": list(self.hits),  # one entry per MoE layer, in the order of moe_layers
                 "misses_per_layer": list(self.misses),
                 "evictions": self.evictions,
                 "prefetch_guesses": self.prefetch_guesses,

@@ -20,7 +20,7 @@ from .errors import MoeOffloadError, StoreCorruptError
 from .quant import QMatrix
 
 FORMAT = "moe-offload-store"
-FORMAT_VERSION = 2  # 2: "grouped" codes transposed into 32-bit words for the fused kernel
+FORMAT_VERSION = 3  # 3: any MoE family (expert biases, the family's expert math in the manifest)
 MANIFEST = "manifest.json"
 DENSE_FILE = "dense.safetensors"
 EXPERTS_FILE = "experts.bin"
@@ -58,10 +58,12 @@ class BlobLayout:
     size: int  # bytes, a multiple of ALIGN
 
     @classmethod
-    def for_matrices(cls, matrices: dict[str, QMatrix]) -> "BlobLayout":
+    def for_matrices(cls, matrices: dict[str, QMatrix | torch.Tensor]) -> "BlobLayout":
+        """Matrices are QMatrix; plain tensors (expert biases) are stored as they are (fmt "tensor")."""
         offset, out = 0, {}
         for name, m in matrices.items():
             specs = []
+            m = _as_qmatrix(m)
             for tname, t in m.tensors.items():
                 offset = align_up(offset, TENSOR_ALIGN)
                 specs.append({"name": tname, "dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "offset": offset})
@@ -74,7 +76,7 @@ class BlobLayout:
         buf = bytearray(self.size)
         for name, spec in self.matrices.items():
             for t in spec["tensors"]:
-                data = matrices[name].tensors[t["name"]].contiguous().view(torch.uint8).reshape(-1).numpy().tobytes()
+                data = _as_qmatrix(matrices[name]).tensors[t["name"]].contiguous().view(torch.uint8).reshape(-1).numpy().tobytes()
                 buf[t["offset"]:t["offset"] + len(data)] = data
         return bytes(buf)
 
@@ -90,8 +92,17 @@ class BlobLayout:
                     count *= d
                 nbytes = count * dtype.itemsize
                 tensors[t["name"]] = blob[t["offset"]:t["offset"] + nbytes].view(dtype).view(t["shape"])
-            out[name] = QMatrix(spec["fmt"], spec["n"], spec["k"], spec["bits"], spec["group"], tensors)
+            if spec["fmt"] == "tensor":
+                out[name] = tensors["data"]
+            else:
+                out[name] = QMatrix(spec["fmt"], spec["n"], spec["k"], spec["bits"], spec["group"], tensors)
         return out
+
+
+def _as_qmatrix(m: QMatrix | torch.Tensor) -> QMatrix:
+    if isinstance(m, QMatrix):
+        return m
+    return QMatrix("tensor", m.shape[0], 0, 32, 0, {"data": m})
 
 
 @dataclass
@@ -122,6 +133,10 @@ class Store:
     @property
     def top_k(self) -> int:
         return self.manifest["top_k"]
+
+    @property
+    def architecture(self) -> str:
+        return self.manifest["architecture"]
 
     def blob(self, layer: int, expert: int) -> dict:
         """{'offset', 'size', 'crc32'} of one expert's blob."""

@@ -89,3 +89,58 @@ def build_random_mixtral(dst: str | Path, shape: str | dict = "tiny", *, seed: i
     if tokenizer:
         build_tokenizer(dst, vocab_size=min(config.vocab_size, 8000))
     return dst
+
+
+# ---------------------------------------------------------------- any MoE family
+
+# Tiny sizes for any MoE family's config class: odd widths (hidden not a power of two), an expert
+# count that is not one either, top-3 routing, GQA, and a dense first layer where the family has one.
+# Only the fields a config class takes are passed to it.
+TINY_MOE = dict(
+    hidden_size=96, intermediate_size=80, moe_intermediate_size=48, shared_expert_intermediate_size=56,
+    num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=2, head_dim=16, vocab_size=211,
+    max_position_embeddings=256, num_experts=10, num_local_experts=10, n_routed_experts=10,
+    num_experts_per_tok=3, n_shared_experts=1, first_k_dense_replace=1, n_group=2, topk_group=1,
+    kv_lora_rank=32, q_lora_rank=48, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
+    sliding_window=8, bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
+)
+
+
+def tiny_moe_config(model_type: str, **overrides):
+    """A tiny config of any family transformers knows, built from its config class."""
+    import inspect
+
+    from transformers import AutoConfig
+
+    cls = type(AutoConfig.for_model(model_type))
+    params = inspect.signature(cls.__init__).parameters
+    takes_any = any(p.kind == p.VAR_KEYWORD for p in params.values())
+    fields = {k: v for k, v in {**TINY_MOE, **overrides}.items() if k in params or (k in overrides and takes_any)}
+    return cls(**fields)
+
+
+@torch.no_grad()
+def randomize_zero_parameters(model, seed: int = 0, scale: float = 0.1) -> None:
+    """Give every parameter and persistent buffer that initializes to zero (biases, DeepSeek's
+    correction bias, attention sinks) random values, so that tests check the terms they feed."""
+    g = torch.Generator().manual_seed(seed)
+    persistent = set(model.state_dict())
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if name in persistent and t.is_floating_point() and t.numel() and not t.any():
+            t.copy_((torch.rand(t.shape, generator=g) * scale).to(t.dtype))
+
+
+def build_random_moe(dst: str | Path, config, *, seed: int = 0, tokenizer: bool = True,
+                     dtype: torch.dtype = torch.float32) -> Path:
+    """Save a random model of any MoE family (config: a transformers config) into dst."""
+    from transformers import AutoModelForCausalLM
+
+    dst = Path(dst)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).to(dtype)
+    randomize_zero_parameters(model, seed)
+    model.generation_config.pad_token_id = getattr(config, "pad_token_id", None) or 0
+    model.save_pretrained(dst)
+    if tokenizer:
+        build_tokenizer(dst, vocab_size=min(config.vocab_size, 8000))
+    return dst
