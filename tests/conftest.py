@@ -45,3 +45,19 @@ def run_cli(*args, timeout=300):
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     return subprocess.run([sys.executable, "-m", "moe_offload", *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, env=env)
+
+
+_FAMILY_LINES: list[str] = []
+
+
+@pytest.fixture
+def family_report():
+    """Lines printed at the end of the run: per-family numbers the issue asks to see, not asserted."""
+    return _FAMILY_LINES
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _FAMILY_LINES:
+        terminalreporter.section("MoE families")
+        for line in sorted(_FAMILY_LINES):
+            terminalreporter.write_line(line)

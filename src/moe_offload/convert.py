@@ -33,6 +33,7 @@ from .checkpoint import CheckpointMap
 from .config import QuantConfig
 from .errors import MoeOffloadError
 from .quant import QMatrix, int4pack_layout_id, quantize
+from .sources import open_sources
 from .store import DENSE_FILE, EXPERTS_FILE, FORMAT, FORMAT_VERSION, MANIFEST, BlobLayout, crc32_file
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5")
@@ -75,29 +76,6 @@ def _fingerprint(src: Path, shards) -> str:
             n = struct.unpack("<Q", fh.read(8))[0]
             h.update(f.name.encode() + str(f.stat().st_size).encode() + fh.read(min(n, 1 << 24)))
     return h.hexdigest()
-
-
-class _Shards:
-    """Tensors by checkpoint key. Opens the file for every tensor (~2 ms): safetensors maps the whole
-    file, and the pages a tensor touched stay resident (RSS) for as long as the mapping lives, which
-    over a whole checkpoint adds up to its size. Safe to share between the worker threads."""
-
-    source_format = "plain"
-
-    def __init__(self, index: dict[str, Path]):
-        self.index = index
-
-    def keys(self) -> list[str]:
-        return list(self.index)
-
-    def get(self, key: str) -> torch.Tensor:
-        with safe_open(self.index[key], "pt") as f:
-            return f.get_tensor(key)
-
-    def get_slice(self, key: str, i: int) -> torch.Tensor:
-        """One expert of a tensor stacked by expert, read alone."""
-        with safe_open(self.index[key], "pt") as f:
-            return f.get_slice(key)[i]
 
 
 def _usable_cores() -> int:
@@ -222,7 +200,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, expert_bits: int 
     if dst.exists() and not overwrite:
         raise MoeOffloadError(f"{dst} already exists; choose another destination or pass overwrite (--force)")
     index = _shard_index(src)
-    sources = _Shards(index)
+    sources = open_sources(src, index, config)
     cmap = CheckpointMap(model, spec, sources.keys())
     dense_linears = _dense_linears(model, spec)
     if progress:
@@ -247,6 +225,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, expert_bits: int 
         for f in src.iterdir():
             if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES) and f.name != "model.safetensors.index.json":
                 shutil.copy2(f, tmp / f.name)
+        _drop_source_quantization(tmp / "config.json")
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "created_by": f"moe-offload {__version__}",
             "architecture": spec.model_type,
@@ -340,6 +319,13 @@ def _write_experts(cmap: CheckpointMap, sources, spec: MoeSpec, quant, path: Pat
         f.flush()
         os.fsync(f.fileno())
     return layout, blobs, offset
+
+
+def _drop_source_quantization(config_json: Path) -> None:
+    """The store's weights are ours (see the manifest), not the FP8/MXFP4 the source shipped."""
+    config = json.loads(config_json.read_text())
+    if config.pop("quantization_config", None) is not None:
+        config_json.write_text(json.dumps(config, indent=2))
 
 
 def _fsync_dir(path: Path) -> None:
