@@ -40,6 +40,7 @@ class MoeLayer:
     index: int  # the decoder layer's number
     experts: str  # module path of its experts module
     router: str  # module path of the router next to it
+    router_args: tuple[str, ...]  # attributes of the MoE block its router also takes (e.g. a correction bias)
     norm: str | None  # module path of the norm before the MoE block (prefetch replays it); None: unknown
 
 
@@ -92,8 +93,11 @@ def build_meta_model(config, experts_implementation: str | None = None, dtype: t
         with torch.device("meta"):
             return AutoModelForCausalLM.from_config(config, **kwargs)
     except ValueError as e:
-        raise MoeOffloadError(f"the model type {config.model_type!r} is not a causal language model that "
-                              f"transformers can build ({str(e).splitlines()[0]})") from e
+        what = ("a multimodal model: moe-offload runs causal language models only"
+                if hasattr(config, "text_config") or hasattr(config, "vision_config") else
+                "not a causal language model that transformers can build")
+        raise MoeOffloadError(f"the model type {config.model_type!r} is {what} "
+                              f"({str(e).splitlines()[0][:200]})") from e
 
 
 def describe(model) -> MoeSpec:
@@ -121,7 +125,7 @@ def describe(model) -> MoeSpec:
         router = _router(block, experts, n, model_type, block_path)
         norm = _norm(model, layer_path, family)
         layers.append(MoeLayer(int(match.group(2)), name, f"{block_path}.{router}" if block_path else router,
-                               norm))
+                               _router_args(block, getattr(block, router)), norm))
         shared += [f"{block_path}.{c}" for c, _ in block.named_children() if c.startswith("shared_expert")
                    and not c.endswith("_gate")]
         if params is None:
@@ -164,18 +168,34 @@ def _expert_params(experts, n: int, model_type: str, name: str) -> tuple[str, ..
 
 
 def _router(block, experts, n: int, model_type: str, block_path: str) -> str:
-    """The child of the MoE block holding the router weight [num_experts, hidden]."""
+    """The child of the MoE block holding the router weight [num_experts, hidden] (its own, or a
+    linear layer inside it)."""
     candidates = []
     for child_name, child in block.named_children():
-        if child is experts:
+        if child is experts or child_name.startswith("shared_expert"):
             continue
-        w = getattr(child, "weight", None)
-        if isinstance(w, torch.Tensor) and w.dim() == 2 and w.shape[0] == n:
+        if any(w.dim() == 2 and w.shape[0] == n for w in child.parameters()):
             candidates.append(child_name)
     preferred = [c for c in candidates if c in ("gate", "router")] or candidates
     if not preferred:
         raise MoeOffloadError(f"{model_type}: no router found next to the experts in {block_path}")
     return preferred[0]
+
+
+def _router_args(block, router) -> tuple[str, ...] | None:
+    """Some routers take more than the hidden states: tensors their MoE block owns and passes along
+    (`self.gate(hidden, self.e_score_correction_bias)`). Their names match the block's attributes;
+    None when they do not (such a router cannot be replayed for prefetch)."""
+    import inspect
+
+    params = list(inspect.signature(router.forward).parameters.values())[1:]
+    needed = tuple(p.name for p in params if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY,
+                                                                                   p.POSITIONAL_OR_KEYWORD))
+    if all(hasattr(block, name) for name in needed):
+        return needed
+    # The same tensor under another name, e.g. the block's `expert_bias` passed as `e_score_correction_bias`.
+    tensors = [name for name, _ in list(block.named_parameters(recurse=False)) + list(block.named_buffers(recurse=False))]
+    return tuple(tensors) if len(tensors) == len(needed) else None
 
 
 def _norm(model, layer_path: str, family: Family) -> str | None:

@@ -11,6 +11,7 @@ transformers would build it, without ever holding a whole layer's experts.
 from __future__ import annotations
 
 import re
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -40,8 +41,12 @@ class CheckpointMap:
         prefix = getattr(model, "base_model_prefix", "") or ""
         expert_of = {f"{layer.experts}.{p}": (layer.index, p, layer.experts.rpartition(".")[2])
                      for layer in spec.layers for p in spec.expert_params}
-        self.spec = spec
+        self.spec, self.model = spec, model  # some operations read sizes off the (meta) model
         self.dense: dict[str, str] = {}  # in-memory name -> checkpoint key
+        # Non-expert tensors built by a converter (fused or split projections): output name -> group
+        self.dense_groups: dict[str, tuple[object, str, dict[str, list[str]]]] = {}
+        self._built: dict[str, torch.Tensor] = {}
+        self._lock = threading.Lock()
         self.experts: dict[tuple[int, str], ExpertSource] = {}
         self.skipped: list[str] = []  # checkpoint tensors the model has no place for
         for key in keys:
@@ -64,11 +69,40 @@ class CheckpointMap:
                         raise MoeOffloadError(f"cannot tell which expert the checkpoint tensor {key} belongs to")
                     source.converter = converter
                     source.parts.setdefault(int(match.group(1)), {})[pattern] = key
+            elif converter is not None and target in names:
+                group = self.dense_groups.get(target) or (converter, target, {})
+                group[2].setdefault(pattern, []).append(key)
+                first, _, rest = target.partition(converter.target_patterns[0])
+                for out in converter.target_patterns:
+                    self.dense_groups[first + out + rest] = group
             elif target in names:
                 self.dense[target] = key
+            elif key in names:  # a renaming meant for the original release, not for this save
+                self.dense[key] = key
             else:
                 self.skipped.append(key)
         self._check_complete()
+
+    def dense_names(self) -> list[str]:
+        return list(self.dense) + [n for n in self.dense_groups if n not in self.dense]
+
+    def dense_tensor(self, sources, name: str) -> torch.Tensor:
+        """A non-expert tensor by its in-memory name, through the family's converter if it has one."""
+        if name in self.dense:
+            return sources.get(self.dense[name])
+        with self._lock:
+            if name not in self._built:
+                converter, target, parts = self.dense_groups[name]
+                collected = {p: [sources.get(k) for k in sorted(parts[p])] for p in converter.source_patterns
+                             if p in parts}
+                for op in converter.operations:
+                    collected = op.convert(collected, source_patterns=converter.source_patterns,
+                                           target_patterns=converter.target_patterns, full_layer_name=target,
+                                           model=self.model, config=self.model.config)
+                first, _, rest = target.partition(converter.target_patterns[0])
+                for out, t in collected.items():
+                    self._built[first + out + rest] = t
+            return self._built.pop(name)
 
     def _check_complete(self) -> None:
         spec = self.spec
@@ -99,7 +133,7 @@ class CheckpointMap:
         c = source.converter
         for op in c.operations:
             collected = op.convert(collected, source_patterns=c.source_patterns, target_patterns=c.target_patterns,
-                                   full_layer_name=param, config=None)
+                                   full_layer_name=param, model=self.model, config=self.model.config)
         (tensor,) = collected.values()
         return tensor[0] if isinstance(tensor, torch.Tensor) else tensor[0][0]
 

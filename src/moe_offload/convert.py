@@ -217,7 +217,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, expert_bits: int 
         # Only HQQ (2-4 bits) gains from workers; 8-bit and copies are faster on torch's own threads.
         dense_plan = plan if quant.dense_bits <= 4 else (1, 1)
         expert_plan = plan if quant.expert_bits <= 4 else (1, 1)
-        dense_meta = _write_dense(sources, cmap.dense, dense_linears, quant, tmp / DENSE_FILE, progress, dense_plan)
+        dense_meta = _write_dense(sources, cmap, dense_linears, quant, tmp / DENSE_FILE, progress, dense_plan)
         experts_started = time.perf_counter()
         layout, blobs, experts_size = _write_experts(cmap, sources, spec, quant, tmp / EXPERTS_FILE, progress,
                                                      expert_plan)
@@ -262,16 +262,16 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, expert_bits: int 
     return dst
 
 
-def _write_dense(sources, dense: dict[str, str], dense_linears, quant: QuantConfig, path: Path,
+def _write_dense(sources, cmap: CheckpointMap, dense_linears, quant: QuantConfig, path: Path,
                  progress: bool = False, plan: tuple[int, int] = (1, 1)) -> dict:
-    """dense: in-memory name -> checkpoint key of every non-expert tensor."""
+    """Every non-expert tensor under its in-memory name; linear layers quantized."""
     from tqdm.auto import tqdm
 
-    names = list(dense)
+    names = cmap.dense_names()
     quantized = [n for n in names if n in dense_linears and quant.dense_bits < 16]
 
     def one(name):
-        t = sources.get(dense[name])
+        t = cmap.dense_tensor(sources, name)
         if name in dense_linears and quant.dense_bits < 16:
             return name, quantize(t, quant.dense_bits, quant.group_for(quant.dense_bits))
         return name, t.contiguous()

@@ -158,9 +158,9 @@ def load(store: str | os.PathLike, *, device: str = "cpu", expert_cache: int | s
 def _prefetcher(model, spec: MoeSpec, cache, stats, cfg) -> Prefetcher | None:
     """Guesses need each MoE layer's router and the norm in front of it; families whose norm is
     unknown run without speculation."""
-    if any(layer.norm is None for layer in spec.layers):
+    if any(layer.norm is None or layer.router_args is None for layer in spec.layers):
         return None
-    routers = {layer.index: model.get_submodule(layer.router) for layer in spec.layers}
+    routers = {layer.index: _router_call(model, layer) for layer in spec.layers}
     norms = {layer.index: model.get_submodule(layer.norm) for layer in spec.layers}
     # The embedding stands in for the first MoE layer's input only when no dense layer precedes it.
     embed = model.get_input_embeddings() if spec.moe_layers[0] == 0 else None
@@ -170,6 +170,29 @@ def _prefetcher(model, spec: MoeSpec, cache, stats, cfg) -> Prefetcher | None:
 def _all_formats(st: Store):
     yield from st.manifest["expert_layout"]["matrices"].values()
     yield from st.manifest["dense_linears"].values()
+
+
+class _RouterCall:
+    """A router as its MoE block calls it: the hidden states (flat [T, H], or [1, T, H] for routers
+    that unpack a batch dimension), then the block's own tensors it needs; outputs come back flat."""
+
+    def __init__(self, router, block, args: tuple[str, ...]):
+        self.router, self.block, self.args, self.batched = router, block, args, False
+
+    def __call__(self, h: torch.Tensor):
+        extra = [getattr(self.block, name) for name in self.args]
+        if not self.batched:
+            try:
+                return self.router(h, *extra)
+            except (ValueError, RuntimeError):
+                self.batched = True
+        out = self.router(h.unsqueeze(0), *extra)
+        return tuple(t.reshape(-1, t.shape[-1]) for t in out) if isinstance(out, tuple) else out.reshape(-1, out.shape[-1])
+
+
+def _router_call(model, layer) -> _RouterCall:
+    return _RouterCall(model.get_submodule(layer.router), model.get_submodule(layer.router.rpartition(".")[0]),
+                       layer.router_args)
 
 
 def _swap_quantized_linears(model: nn.Module, dense_linears: dict) -> None:

@@ -116,6 +116,8 @@ def tiny_moe_config(model_type: str, **overrides):
     params = inspect.signature(cls.__init__).parameters
     takes_any = any(p.kind == p.VAR_KEYWORD for p in params.values())
     fields = {k: v for k, v in {**TINY_MOE, **overrides}.items() if k in params or (k in overrides and takes_any)}
+    if "kv_lora_rank" in params and "num_key_value_heads" not in overrides:
+        fields["num_key_value_heads"] = fields["num_attention_heads"]  # latent attention (MLA): no GQA
     return cls(**fields)
 
 
