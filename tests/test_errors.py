@@ -39,19 +39,35 @@ def test_dense_architecture(tmp_path):
 
     _save_model(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                             num_key_value_heads=2, vocab_size=100), tmp_path / "llama")
-    assert_clean_failure(run_cli("convert", tmp_path / "llama", tmp_path / "out"), "'llama' is not a supported",
-                         "dense models")
+    assert_clean_failure(run_cli("convert", tmp_path / "llama", tmp_path / "out"),
+                         "'llama' is not a Mixture-of-Experts model", "dense models")
     assert not (tmp_path / "out").exists()
 
 
 def test_unsupported_moe_architecture(tmp_path):
-    from transformers import Qwen2MoeConfig
+    """JetMoE keeps its experts in modules of its own, outside transformers' experts seam: the user is
+    told which part is unsupported."""
+    from transformers import JetMoeConfig
 
-    _save_model(Qwen2MoeConfig(hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
-                               shared_expert_intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                               num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, vocab_size=100),
-                tmp_path / "qwen")
-    assert_clean_failure(run_cli("convert", tmp_path / "qwen", tmp_path / "out"), "'qwen2_moe' is not supported yet")
+    _save_model(JetMoeConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_key_value_heads=2,
+                             kv_channels=16, num_local_experts=4, num_experts_per_tok=2, vocab_size=100),
+                tmp_path / "jetmoe")
+    assert_clean_failure(run_cli("convert", tmp_path / "jetmoe", tmp_path / "out"), "'jetmoe'",
+                         "do not use transformers' experts seam")
+    assert not (tmp_path / "out").exists()
+
+
+def test_checkpoint_missing_an_expert(tiny_src, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_src, src)
+    tensors = load_file(src / "model.safetensors")
+    dropped = [k for k in tensors if ".experts.3." in k and ".layers.1." in k]
+    assert dropped
+    save_file({k: v for k, v in tensors.items() if k not in dropped}, src / "model.safetensors", metadata={"format": "pt"})
+    assert_clean_failure(run_cli("convert", src, tmp_path / "out"), "missing weights of expert 3 in layer 1")
+    assert not (tmp_path / "out").exists()
 
 
 def test_budget_below_minimum(tiny_store16):

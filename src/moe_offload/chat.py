@@ -142,7 +142,7 @@ def chat_loop(session: ChatSession) -> None:
 
 
 def add_chat_parser(subparsers):
-    from .cli import add_budget_args
+    from .options import add_budget_args
 
     parser = subparsers.add_parser(
         "chat", help="chat with the model in the terminal",

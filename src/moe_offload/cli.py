@@ -7,24 +7,7 @@ import os
 import sys
 
 from .errors import MoeOffloadError
-
-
-def add_budget_args(p: argparse.ArgumentParser) -> None:
-    """The cache and prefetch options shared by generate, chat, serve and bench."""
-    budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--expert-cache", metavar="SIZE", help="byte budget of the expert cache, e.g. 2GiB "
-                        "(default: a quarter of the experts)")
-    budget.add_argument("--experts-per-layer", type=int, metavar="K", help="experts cached per layer")
-    p.add_argument("--prefetch", type=int, default=2, metavar="K",
-                   help="experts guessed ahead per layer; 0 turns speculative loading off (default 2)")
-    p.add_argument("--lookahead", type=int, default=1, help="layers ahead to guess (default 1)")
-    p.add_argument("--cache-scope", choices=["layer", "global"], default="layer",
-                   help="one LRU pool per layer (the paper) or one global pool (default layer)")
-
-
-def load_kwargs(args) -> dict:
-    return dict(expert_cache=args.expert_cache, experts_per_layer=args.experts_per_layer,
-                prefetch=args.prefetch, lookahead=args.lookahead, cache_scope=args.cache_scope)
+from .options import add_budget_args, load_kwargs
 
 
 def cmd_convert(args) -> None:

@@ -281,7 +281,7 @@ def load_model(args):
     import moe_offload
     from transformers import AutoTokenizer
 
-    from .cli import load_kwargs
+    from .options import load_kwargs
 
     model = moe_offload.load(args.store, **load_kwargs(args))  # checks the store, says what is wrong
     try:

@@ -30,6 +30,25 @@ SHAPES = {
 }
 
 
+# Benchmark shapes of other families: (model_type, config fields). "qwen3-quarter" is Qwen3-30B-A3B
+# at a quarter of its width: 128 small experts, top-8, ~1.9B parameters (1.8B of them experts).
+FAMILY_SHAPES = {
+    "qwen3-quarter": ("qwen3_moe", dict(hidden_size=512, moe_intermediate_size=192, intermediate_size=1536,
+                                        num_hidden_layers=48, num_attention_heads=8, num_key_value_heads=4,
+                                        head_dim=128, num_experts=128, num_experts_per_tok=8, vocab_size=32000,
+                                        max_position_embeddings=4096, norm_topk_prob=True)),
+}
+
+
+def build_shape(dst: str | Path, shape: str, *, seed: int = 0) -> Path:
+    """A random model of a named benchmark shape (Mixtral SHAPES or FAMILY_SHAPES) with a tokenizer."""
+    if shape in SHAPES:
+        return build_random_mixtral(dst, shape, seed=seed)
+    family, fields = FAMILY_SHAPES[shape]
+    config = tiny_moe_config(family, **{**fields, "tie_word_embeddings": False})
+    return build_random_moe(dst, config, seed=seed, dtype=torch.bfloat16)
+
+
 def _corpus(max_bytes: int) -> list[str]:
     """Text every Python installation has: the standard library's own sources."""
     root = Path(sysconfig.get_paths()["stdlib"])

@@ -13,7 +13,7 @@ from .run import run_bench
 
 
 def add_parser(sub) -> None:
-    from ..cli import add_budget_args
+    from ..options import add_budget_args
 
     p = sub.add_parser(
         "bench", help="benchmark offloading modes side by side against accelerate and transformers",
@@ -23,8 +23,9 @@ def add_parser(sub) -> None:
         "the measured RAM and disk bandwidth.",
         epilog="Modes: " + ", ".join(MODES) + ". Example: moe-offload bench --shape quarter --json bench.json")
     p.add_argument("store", nargs="?", help="a store made by `moe-offload convert` (or use --shape)")
-    p.add_argument("--shape", choices=["tiny", "small", "quarter"],
-                   help="build a random Mixtral of this size (quarter = Mixtral-8x7B at a quarter of its width), "
+    p.add_argument("--shape", choices=["tiny", "small", "quarter", "qwen3-quarter"],
+                   help="build a random model of this shape (quarter = Mixtral-8x7B at a quarter of its width; "
+                   "qwen3-quarter = Qwen3-30B-A3B at a quarter of its width: 128 experts, top-8), "
                    "convert it with 4-bit experts and 4-bit dense weights, and benchmark it")
     p.add_argument("--dir", default=".bench", help="where --shape keeps its models, reused across runs "
                    "(default .bench)")
@@ -48,7 +49,7 @@ def add_parser(sub) -> None:
 
 
 def cmd_bench(args) -> None:
-    from ..cli import load_kwargs
+    from ..options import load_kwargs
     from ..errors import MoeOffloadError
 
     modes = parse_modes(args.modes)
@@ -109,20 +110,20 @@ def _require_matplotlib() -> None:
 
 
 def prepare_shape(shape: str, root: Path) -> tuple[Path, Path]:
-    """Build (or reuse) a random Mixtral of a named shape and its 4-bit store under root/shape."""
+    """Build (or reuse) a random model of a named shape and its 4-bit store under root/shape."""
     from .. import convert
-    from ..synthetic import build_random_mixtral
+    from ..synthetic import build_shape
 
     source, store = root / shape / "source", root / shape / "store-e4-d4"
     if not (source / "config.json").is_file():
-        print(f"building a random Mixtral-architecture model of shape {shape!r} in {source} ...", file=sys.stderr)
+        print(f"building a random model of shape {shape!r} in {source} ...", file=sys.stderr)
         started = time.perf_counter()
         partial = source.with_name(source.name + ".partial")  # renamed when complete: a crash leaves no half model
         if partial.exists():
             import shutil
 
             shutil.rmtree(partial)
-        build_random_mixtral(partial, shape, seed=0)
+        build_shape(partial, shape, seed=0)
         os.rename(partial, source)
         print(f"built in {time.perf_counter() - started:.0f} s", file=sys.stderr)
     if not _current_store(store):

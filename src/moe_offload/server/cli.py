@@ -11,7 +11,7 @@ from .settings import ServerSettings
 
 
 def add_serve_parser(subparsers):
-    from ..cli import add_budget_args
+    from ..options import add_budget_args
 
     parser = subparsers.add_parser(
         "serve", help="serve the model over an OpenAI-compatible HTTP API",
