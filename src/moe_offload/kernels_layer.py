@@ -1,0 +1,322 @@
+"""The "rowtile" weight format and a one-call MoE layer for decode: integer dot products (VNNI).
+
+Format "rowtile" (2, 3, 4 or 8 bits, groups of 32, 64 or 128 along k): W = q * scale + min per
+(row, group), scale and min fp16. The matrix is one uint8 tensor of tiles [ceil(N/16), K/group, T];
+tile (b, g) covers rows 16b..16b+15 over group g: the codes (layout in _layer_jit.py, where the
+kernel reads it), then the 16 scales, then the 16 mins, so a row block streams through memory in
+one pass. Rows are padded to a multiple of 16 with zero tiles. The layout is the same on every
+CPU: what differs between CPUs is only which compiled dot step reads it (`variant()`).
+
+moe_layer_decode() computes every selected expert of one token in one call: activations are
+quantized to int8 per group (one fp32 scale each; the min term uses the exact fp32 sums), gate and
+up rows, SiLU * up, down rows and the weighted sum run in one numba parallel region without the
+GIL. moe_layer_reference() is the plain torch version of the same arithmetic, with the activation
+rounding on or off.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+import threading
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import kernels_grouped
+from .errors import MoeOffloadError
+from .quant import QMatrix, effective_group, hqq_codes, minmax_codes, refit
+
+FMT = "rowtile"
+BITS = (2, 3, 4, 8)
+GROUPS = (32, 64, 128)
+ROWS = 16  # rows per tile: one int32 lane each in a 512-bit vector
+_STEP_BYTES = {2: 128, 3: 192, 4: 256, 8: 512}  # code bytes per 32 k of one row block
+VARIANTS = ("vnni512", "vnni256", "portable")
+
+
+# ---------------------------------------------------------------- format
+
+def tile_bytes(bits: int, group: int) -> int:
+    return group // 32 * _STEP_BYTES[bits] + 4 * ROWS  # codes, 16 fp16 scales, 16 fp16 mins
+
+
+def _round_params(a, b):
+    """Round (scale, min) to what "rowtile" stores: fp16 both, scale > 0."""
+    s = a.to(torch.float16).float()
+    s = torch.where(s > 0, s, torch.full_like(s, 2.0**-14))
+    return s, b.to(torch.float16).float()
+
+
+def quantize_rowtile(w: torch.Tensor, bits: int, group: int = 64, *, optimize: bool = True) -> QMatrix:
+    """W [N, K] -> "rowtile" QMatrix: HQQ codes (bits <= 4, `optimize`) or min-max, parameters
+    refitted after rounding to fp16 like every stored format (quant.refit)."""
+    if bits not in BITS:
+        raise MoeOffloadError(f"rowtile stores 2, 3, 4 or 8 bits, not {bits}")
+    n, k = w.shape
+    if k % 32:
+        raise MoeOffloadError(f"rowtile needs an input size that is a multiple of 32, not {k}")
+    g = effective_group(k, min(group, 128))
+    if g not in GROUPS:
+        raise MoeOffloadError(f"rowtile groups are 32, 64 or 128 (asked {group} for input size {k})")
+    wg = w.float().reshape(-1, g)
+    q, a, b = hqq_codes(w, bits, g) if bits <= 4 and optimize else minmax_codes(w, bits, g)
+    q, s, mn = refit(wg, q, a, b, 2**bits - 1, _round_params)
+    return pack_rowtile(q.reshape(n, k).to(torch.uint8), s.reshape(n, k // g), mn.reshape(n, k // g), bits, g)
+
+
+def pack_rowtile(codes: torch.Tensor, scale: torch.Tensor, mn: torch.Tensor, bits: int, group: int) -> QMatrix:
+    """Codes [N, K] (0 .. 2^bits-1), scale and min [N, K/group] -> "rowtile" QMatrix,
+    W[n, k] = codes[n, k] * scale[n, k // group] + min[n, k // group]."""
+    n, k = codes.shape
+    nb, G, S = -(-n // ROWS), k // group, group // 32
+    pad = nb * ROWS - n
+    c = F.pad(codes.to(torch.int32), (0, 0, 0, pad)).reshape(nb, ROWS, G, S, 32).permute(0, 2, 3, 1, 4)
+    # c: [nb, G, S, r, kk]; each vector is [r, i] with kk as the layout says
+    if bits == 8:
+        steps = c.reshape(nb, G, S, ROWS, 8, 4).permute(0, 1, 2, 4, 3, 5)  # kk = 4v + i
+    elif bits == 4:
+        c = c.reshape(nb, G, S, ROWS, 4, 2, 4)  # kk = 8v + 4h + i
+        steps = (c[..., 0, :] | (c[..., 1, :] << 4)).permute(0, 1, 2, 4, 3, 5)
+    else:
+        lo = (c & 3).reshape(nb, G, S, ROWS, 2, 4, 4)  # kk = 16v + 4f + i
+        steps = sum(lo[..., f, :] << (2 * f) for f in range(4)).permute(0, 1, 2, 4, 3, 5)
+        if bits == 3:
+            hi = ((c >> 2) & 1).reshape(nb, G, S, ROWS, 8, 4)  # kk = 4f + i
+            hi = sum(hi[..., f, :] << f for f in range(8))  # [nb, G, S, r, i]
+            steps = torch.cat([steps.reshape(nb, G, S, -1), hi.reshape(nb, G, S, -1)], -1)
+    steps = steps.reshape(nb, G, S * _STEP_BYTES[bits]).to(torch.uint8)
+
+    def params(p):  # [N, G] -> bytes [nb, G, 32]: 16 fp16 values per tile
+        p = F.pad(p.float(), (0, 0, 0, pad)).to(torch.float16).reshape(nb, ROWS, G).permute(0, 2, 1)
+        return p.contiguous().view(torch.uint8)
+
+    tiles = torch.cat([steps, params(scale), params(mn)], -1).contiguous()
+    assert tiles.shape[-1] == tile_bytes(bits, group)
+    return QMatrix(FMT, n, k, bits, group, {"tiles": tiles})
+
+
+def dequantize_rowtile(m: QMatrix) -> torch.Tensor:
+    """The plain reference: W [N, K] in fp32, decoded from the tiles byte by byte."""
+    t = m.tensors["tiles"]
+    nb, G, T = t.shape
+    S = m.group // 32
+    body = t[..., :S * _STEP_BYTES[m.bits]].reshape(nb, G, S, -1).to(torch.int32)
+    q = torch.empty(nb, G, S, ROWS, 32, dtype=torch.int32)  # [.., r, kk]
+    r, i = torch.arange(ROWS).view(-1, 1), torch.arange(4).view(1, -1)
+    byte = lambda v: body[..., v * 64 + 4 * r + i]  # [nb, G, S, 16, 4]: vector v, row r, byte i
+    for kk in range(32):
+        if m.bits == 8:
+            q[..., kk] = byte(kk // 4)[..., kk % 4]
+        elif m.bits == 4:
+            v, h, j = kk // 8, (kk // 4) % 2, kk % 4
+            q[..., kk] = (byte(v)[..., j] >> (4 * h)) & 15
+        else:
+            v, f, j = kk // 16, (kk // 4) % 4, kk % 4
+            q[..., kk] = (byte(v)[..., j] >> (2 * f)) & 3
+            if m.bits == 3:
+                q[..., kk] |= ((byte(2)[..., j] >> (kk // 4)) & 1) << 2
+    q = q.permute(0, 3, 1, 2, 4).reshape(nb * ROWS, m.k).float()
+    params = t[..., S * _STEP_BYTES[m.bits]:].contiguous().view(torch.float16).float()  # [nb, G, 32]
+    s = params[..., :ROWS].permute(0, 2, 1).reshape(nb * ROWS, G)
+    mn = params[..., ROWS:].permute(0, 2, 1).reshape(nb * ROWS, G)
+    w = q.reshape(-1, G, m.group) * s.unsqueeze(-1) + mn.unsqueeze(-1)
+    return w.reshape(nb * ROWS, m.k)[:m.n]
+
+
+# ---------------------------------------------------------------- CPU dispatch
+
+def _cpu_features() -> set[str]:
+    """The features numba compiles for: NUMBA_CPU_FEATURES if set (a build for another CPU),
+    else the host's, as LLVM names them (avx512vnni, avxvnni, avx512vl, ...)."""
+    import numba
+    import llvmlite.binding as ll
+
+    if numba.config.CPU_FEATURES:
+        return {f[1:] for f in numba.config.CPU_FEATURES.split(",") if f.startswith("+")}
+    return {name for name, on in ll.get_host_cpu_features().items() if on}
+
+
+@functools.lru_cache(maxsize=1)
+def usable_variants() -> tuple[str, ...]:
+    """The dot-step variants this CPU can run, fastest first (the portable one always)."""
+    f = _cpu_features()
+    out = []
+    if {"avx512vnni", "avx512f"} <= f:
+        out.append("vnni512")
+    if "avxvnni" in f or {"avx512vnni", "avx512vl"} <= f:
+        out.append("vnni256")
+    return tuple(out) + ("portable",)
+
+
+def variant() -> str:
+    """The variant used: the fastest usable one, or MOE_OFFLOAD_ROWTILE=<variant> if this CPU can run it."""
+    want = os.environ.get("MOE_OFFLOAD_ROWTILE")
+    usable = usable_variants()
+    if want:
+        if want not in usable:
+            raise MoeOffloadError(f"MOE_OFFLOAD_ROWTILE={want!r}: this CPU runs {', '.join(usable)}")
+        return want
+    return usable[0]
+
+
+@functools.lru_cache(maxsize=1)
+def _jit():
+    return importlib.import_module("._layer_jit", __package__)
+
+
+def _tag(v: str) -> np.ndarray:
+    if v not in VARIANTS:
+        raise MoeOffloadError(f"unknown rowtile variant {v!r}")
+    if v not in usable_variants():
+        raise MoeOffloadError(f"this CPU cannot run the {v} variant ({', '.join(usable_variants())})")
+    return np.zeros(0, _jit().TAGS[v])
+
+
+def _threads() -> int:
+    import numba
+
+    return max(1, min(numba.get_num_threads(), torch.get_num_threads()))
+
+
+# ---------------------------------------------------------------- activations
+
+def quantize_activations(x: torch.Tensor, group: int):
+    """x [B, K] fp32 -> (int8 codes [B, K], scale [B, K/group], exact sums [B, K/group]); the
+    plain version of what the kernels do: scale = amax / 127, code = round-half-even(x / scale)."""
+    xg = x.float().reshape(x.shape[0], -1, group)
+    sc = xg.abs().amax(-1) / 127
+    q = torch.where(sc.unsqueeze(-1) > 0, (xg / sc.unsqueeze(-1)).round(), torch.zeros_like(xg))
+    return q.reshape(x.shape).to(torch.int8), sc, xg.sum(-1)
+
+
+# ---------------------------------------------------------------- one matrix
+
+def linear(x: torch.Tensor, m: QMatrix, variant_: str | None = None) -> torch.Tensor:
+    """y = x @ W.T (x [..., K]) with int8 activations per group, fp32 out."""
+    jit = _jit()
+    x2 = x.reshape(-1, m.k).float().contiguous()
+    B, G = x2.shape[0], m.k // m.group
+    xq = np.empty((B, m.k), np.int8)
+    xs, xsum = np.empty((B, G), np.float32), np.empty((B, G), np.float32)
+    jit.quant_rows(x2.numpy(), m.group, xq, xs, xsum)
+    tiles = m.tensors["tiles"].numpy()
+    y = np.empty((B, tiles.shape[0] * ROWS), np.float32)
+    with kernels_grouped.launch_lock:
+        jit.linear(_tag(variant_ or variant()), tiles, m.bits, m.group, xq, xs, xsum, y)
+    return torch.from_numpy(y[:, :m.n]).reshape(*x.shape[:-1], m.n)
+
+
+def linear_reference(x: torch.Tensor, m: QMatrix, quantize: bool = True) -> torch.Tensor:
+    """The plain version of linear(): W = q * scale + min; with `quantize`, the scale term sees
+    the int8 activations and the min term the exact sums, as in the kernel."""
+    w = dequantize_rowtile(m)
+    x2 = x.reshape(-1, m.k).float()
+    if not quantize:
+        return (x2 @ w.T).reshape(*x.shape[:-1], m.n)
+    q, sc, xsum = quantize_activations(x2, m.group)
+    G = m.k // m.group
+    mn = _mins(m)  # [N, G]
+    xd = (q.float().reshape(-1, G, m.group) * sc.unsqueeze(-1)).reshape(x2.shape)
+    wq = w - mn.repeat_interleave(m.group, 1)
+    return (xd @ wq.T + xsum @ mn.T).reshape(*x.shape[:-1], m.n)
+
+
+def _mins(m: QMatrix) -> torch.Tensor:
+    t = m.tensors["tiles"]
+    nb, G, _ = t.shape
+    p = t[..., -4 * ROWS:].contiguous().view(torch.float16).float()
+    return p[..., ROWS:].permute(0, 2, 1).reshape(nb * ROWS, G)[:m.n]
+
+
+# ---------------------------------------------------------------- one MoE layer
+
+def _is_silu(act) -> bool:
+    return act == "silu" or act is F.silu or isinstance(act, torch.nn.SiLU) or type(act).__name__ in (
+        "SiLU", "SiLUActivation")
+
+
+_work = threading.local()
+
+
+def _workspace(key, H, inter, E, g1, g2, nthreads):
+    cache = getattr(_work, "bufs", None)
+    if cache is None:
+        cache = _work.bufs = {}
+    w = cache.get(key)
+    if w is None:
+        w = cache[key] = dict(
+            xq=np.empty(H, np.int8), xs=np.empty(H // g1, np.float32), xsum=np.empty(H // g1, np.float32),
+            hq=np.empty((E, inter), np.int8), hs=np.empty((E, inter // g2), np.float32),
+            hsum=np.empty((E, inter // g2), np.float32), hbuf=np.empty((nthreads, max(2 * g2, 16)), np.float32),
+            counters=np.zeros(4, np.int64))
+    return w
+
+
+def _layer_meta(experts):
+    gu0, dn0 = experts[0]
+    H, inter = gu0.k, gu0.n // 2
+    for gu, dn in experts:
+        if gu.fmt != FMT or dn.fmt != FMT:
+            raise MoeOffloadError(f"moe_layer_decode reads the {FMT!r} format, not {gu.fmt!r}/{dn.fmt!r}")
+        if (gu.n, gu.k, dn.n, dn.k) != (2 * inter, H, H, inter):
+            raise MoeOffloadError(f"expert shapes gate_up [{gu.n}, {gu.k}], down [{dn.n}, {dn.k}] do not "
+                                  f"form a SwiGLU of hidden {H}, intermediate {inter}")
+        if (gu.bits, gu.group, dn.bits, dn.group) != (gu0.bits, gu0.group, dn0.bits, dn0.group):
+            raise MoeOffloadError("the experts of one layer call must share bits and group sizes")
+    return H, inter
+
+
+def _decode_one(x: np.ndarray, experts, weights, tag) -> np.ndarray:
+    jit = _jit()
+    H, inter = _layer_meta(experts)
+    gu0, dn0 = experts[0]
+    E = len(experts)
+    nthreads = _threads()
+    ws = _workspace((H, inter, E, gu0.group, dn0.group, nthreads), H, inter, E, gu0.group, dn0.group, nthreads)
+    gu = np.array([g.tensors["tiles"].data_ptr() for g, _ in experts], np.int64)
+    dn = np.array([d.tensors["tiles"].data_ptr() for _, d in experts], np.int64)
+    meta = np.array([gu0.bits, gu0.group, tile_bytes(gu0.bits, gu0.group),
+                     dn0.bits, dn0.group, tile_bytes(dn0.bits, dn0.group)], np.int64)
+    y = np.empty(-(-H // ROWS) * ROWS, np.float32)
+    with kernels_grouped.launch_lock:
+        jit.layer(tag, x, gu, dn, np.asarray(weights, np.float32), inter, meta, ws["xq"], ws["xs"], ws["xsum"],
+                  ws["hq"], ws["hs"], ws["hsum"], ws["hbuf"], y, ws["counters"], nthreads)
+    return y[:H]
+
+
+def moe_layer_decode(x: torch.Tensor, experts, weights, act="silu", variant_: str | None = None) -> torch.Tensor:
+    """sum_e weights[e] * down_e(silu(gate_e(x)) * up_e(x)) over the selected experts, in one call.
+
+    x [H]: experts is a list of (gate_up [2I, H], down [H, I]) "rowtile" matrices, weights a list
+    of floats. x [B, H] (prefill): experts[b] and weights[b] are token row b's; rows run one
+    after another (correct, not tuned). Returns fp32 of x's shape. `act` must be SiLU (SwiGLU
+    experts); other activations go through moe_layer_reference."""
+    if not _is_silu(act):
+        raise MoeOffloadError(f"moe_layer_decode computes SwiGLU experts (SiLU), not {act!r}")
+    tag = _tag(variant_ or variant())
+    xf = x.float().contiguous().numpy()
+    if xf.ndim == 1:
+        return torch.from_numpy(_decode_one(xf, experts, weights, tag))
+    return torch.from_numpy(np.stack([_decode_one(xf[b], experts[b], weights[b], tag) for b in range(xf.shape[0])]))
+
+
+def moe_layer_reference(x: torch.Tensor, experts, weights, act=F.silu, quantize: bool = True) -> torch.Tensor:
+    """The plain version of moe_layer_decode: dequantized weights, fp32 matmuls, expert by expert;
+    with `quantize`, both products see int8 activations as in the kernel (linear_reference)."""
+    if isinstance(act, str):
+        act = F.silu if act == "silu" else getattr(F, act)
+    lin = (lambda v, m: linear_reference(v, m, quantize))
+
+    def one(xr, exps, ws):
+        y = torch.zeros(xr.shape[-1])
+        for (gu, dn), w in zip(exps, ws):
+            gate, up = lin(xr.unsqueeze(0), gu)[0].chunk(2)
+            y += float(w) * lin((act(gate) * up).unsqueeze(0), dn)[0]
+        return y
+
+    x = x.float()
+    if x.dim() == 1:
+        return one(x, experts, weights)
+    return torch.stack([one(x[b], experts[b], weights[b]) for b in range(x.shape[0])])
