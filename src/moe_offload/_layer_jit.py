@@ -10,9 +10,11 @@ output row: no horizontal sums, and the activations are one broadcast dword. Per
   2-bit: 2 vectors, bits 2f..2f+1 hold k = 16v+4f+i
   3-bit: the 2-bit layout of the low two bits, then 64 bytes whose bit f (0..7) of byte 4r+i is
          bit 2 of the code of k = 4f+i.
-Activations are int8 per group with one fp32 scale: per group and row,
-  sum_k W x = scale * xs * sum_k q xq + min * sum_k x,
-with the exact fp32 sum of x, so only the scale term sees the activation rounding.
+Activations are int8 per group with one fp32 scale xs: per group and row,
+  sum_k W x~ = scale * xs * sum_k q xq + min * xs * sum_k xq,   x~ = xs * xq,
+the exact product of W with the rounded activations. (Taking the min term from the unrounded sum
+of x instead triples the error: the codes q have a large mean, so q's share of the rounding error
+no longer cancels against the min's; measured 2.6% vs 0.6% on a 4-bit [7168, 1024] matrix.)
 
 The inner loop is written in LLVM IR (numba has no vector types): one intrinsic computes a whole
 row block over a range of groups, accumulators in registers. The dot step comes in three
@@ -212,23 +214,24 @@ def atomic_load(typingctx, arr, i):
 
 @njit(inline="always", **{k: v for k, v in _OPTS.items() if k not in ("nogil", "cache")})
 def _quant_group(src, dst, xs, xsum, g, group):
-    """dst[g*group ...] = int8 codes of src's group g, one scale amax/127 (0 for an all-zero group)."""
+    """dst[g*group ...] = int8 codes of src's group g, one scale amax/127 (0 for an all-zero group),
+    and the sum of the rounded group (scale * sum of codes, exact in fp32 below 2^24 / 127)."""
     amax = np.float32(0)
-    s = np.float32(0)
     for k in range(g * group, (g + 1) * group):
-        v = src[k]
-        s += v
-        amax = max(amax, abs(v))
+        amax = max(amax, abs(src[k]))
     sc = amax / np.float32(127)
-    xs[g] = sc
-    xsum[g] = s
+    s = 0
     for k in range(g * group, (g + 1) * group):
-        dst[k] = np.int8(np.rint(src[k] / sc)) if sc > 0 else np.int8(0)
+        q = np.int8(np.rint(src[k] / sc)) if sc > 0 else np.int8(0)
+        dst[k] = q
+        s += np.int32(q)
+    xs[g] = sc
+    xsum[g] = sc * np.float32(s)
 
 
 @njit(**_OPTS)
 def quant_rows(x, group, xq, xs, xsum):
-    """Per token row b: int8 codes xq[b], scales xs[b, g], exact sums xsum[b, g] of each group."""
+    """Per token row b: int8 codes xq[b], scales xs[b, g] and sums xsum[b, g] of each rounded group."""
     for b in range(x.shape[0]):
         for g in range(x.shape[1] // group):
             _quant_group(x[b], xq[b], xs[b], xsum[b], g, group)

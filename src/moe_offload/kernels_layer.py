@@ -8,7 +8,7 @@ one pass. Rows are padded to a multiple of 16 with zero tiles. The layout is the
 CPU: what differs between CPUs is only which compiled dot step reads it (`variant()`).
 
 moe_layer_decode() computes every selected expert of one token in one call: activations are
-quantized to int8 per group (one fp32 scale each; the min term uses the exact fp32 sums), gate and
+quantized to int8 per group (one fp32 scale each), gate and
 up rows, SiLU * up, down rows and the weighted sum run in one numba parallel region without the
 GIL. moe_layer_reference() is the plain torch version of the same arithmetic, with the activation
 rounding on or off.
@@ -183,12 +183,12 @@ def _threads() -> int:
 # ---------------------------------------------------------------- activations
 
 def quantize_activations(x: torch.Tensor, group: int):
-    """x [B, K] fp32 -> (int8 codes [B, K], scale [B, K/group], exact sums [B, K/group]); the
-    plain version of what the kernels do: scale = amax / 127, code = round-half-even(x / scale)."""
+    """x [B, K] fp32 -> (int8 codes [B, K], scale [B, K/group]); the plain version of what the
+    kernels do: scale = amax / 127, code = round-half-even(x / scale)."""
     xg = x.float().reshape(x.shape[0], -1, group)
     sc = xg.abs().amax(-1) / 127
     q = torch.where(sc.unsqueeze(-1) > 0, (xg / sc.unsqueeze(-1)).round(), torch.zeros_like(xg))
-    return q.reshape(x.shape).to(torch.int8), sc, xg.sum(-1)
+    return q.reshape(x.shape).to(torch.int8), sc
 
 
 # ---------------------------------------------------------------- one matrix
@@ -209,25 +209,14 @@ def linear(x: torch.Tensor, m: QMatrix, variant_: str | None = None) -> torch.Te
 
 
 def linear_reference(x: torch.Tensor, m: QMatrix, quantize: bool = True) -> torch.Tensor:
-    """The plain version of linear(): W = q * scale + min; with `quantize`, the scale term sees
-    the int8 activations and the min term the exact sums, as in the kernel."""
+    """The plain version of linear(): W = q * scale + min times x, or with `quantize` times the
+    int8-rounded x (quantize_activations), as in the kernel."""
     w = dequantize_rowtile(m)
     x2 = x.reshape(-1, m.k).float()
-    if not quantize:
-        return (x2 @ w.T).reshape(*x.shape[:-1], m.n)
-    q, sc, xsum = quantize_activations(x2, m.group)
-    G = m.k // m.group
-    mn = _mins(m)  # [N, G]
-    xd = (q.float().reshape(-1, G, m.group) * sc.unsqueeze(-1)).reshape(x2.shape)
-    wq = w - mn.repeat_interleave(m.group, 1)
-    return (xd @ wq.T + xsum @ mn.T).reshape(*x.shape[:-1], m.n)
-
-
-def _mins(m: QMatrix) -> torch.Tensor:
-    t = m.tensors["tiles"]
-    nb, G, _ = t.shape
-    p = t[..., -4 * ROWS:].contiguous().view(torch.float16).float()
-    return p[..., ROWS:].permute(0, 2, 1).reshape(nb * ROWS, G)[:m.n]
+    if quantize:
+        q, sc = quantize_activations(x2, m.group)
+        x2 = (q.float().reshape(x2.shape[0], -1, m.group) * sc.unsqueeze(-1)).reshape(x2.shape)
+    return (x2 @ w.T).reshape(*x.shape[:-1], m.n)
 
 
 # ---------------------------------------------------------------- one MoE layer
