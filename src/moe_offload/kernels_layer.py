@@ -103,20 +103,15 @@ def dequantize_rowtile(m: QMatrix) -> torch.Tensor:
     nb, G, T = t.shape
     S = m.group // 32
     body = t[..., :S * _STEP_BYTES[m.bits]].reshape(nb, G, S, -1).to(torch.int32)
-    q = torch.empty(nb, G, S, ROWS, 32, dtype=torch.int32)  # [.., r, kk]
-    r, i = torch.arange(ROWS).view(-1, 1), torch.arange(4).view(1, -1)
-    byte = lambda v: body[..., v * 64 + 4 * r + i]  # [nb, G, S, 16, 4]: vector v, row r, byte i
-    for kk in range(32):
-        if m.bits == 8:
-            q[..., kk] = byte(kk // 4)[..., kk % 4]
-        elif m.bits == 4:
-            v, h, j = kk // 8, (kk // 4) % 2, kk % 4
-            q[..., kk] = (byte(v)[..., j] >> (4 * h)) & 15
-        else:
-            v, f, j = kk // 16, (kk // 4) % 4, kk % 4
-            q[..., kk] = (byte(v)[..., j] >> (2 * f)) & 3
-            if m.bits == 3:
-                q[..., kk] |= ((byte(2)[..., j] >> (kk // 4)) & 1) << 2
+    r, kk = torch.arange(ROWS).view(-1, 1), torch.arange(32).view(1, -1)
+    # for row r and k = kk of a step: the byte that holds the code, and its bit position there
+    per_vector = {8: 4, 4: 8}.get(m.bits, 16)  # k per 64-byte vector
+    byte = 64 * (kk // per_vector) + 4 * r + kk % 4
+    shift = {8: 0 * kk, 4: 4 * ((kk // 4) % 2)}.get(m.bits, 2 * ((kk // 4) % 4))
+    width = {8: 255, 4: 15}.get(m.bits, 3)
+    q = (body[..., byte] >> shift) & width  # [nb, G, S, 16, 32]
+    if m.bits == 3:
+        q |= ((body[..., 128 + 4 * r + kk % 4] >> (kk // 4)) & 1) << 2
     q = q.permute(0, 3, 1, 2, 4).reshape(nb * ROWS, m.k).float()
     params = t[..., S * _STEP_BYTES[m.bits]:].contiguous().view(torch.float16).float()  # [nb, G, 32]
     s = params[..., :ROWS].permute(0, 2, 1).reshape(nb * ROWS, G)
@@ -174,10 +169,12 @@ def _tag(v: str) -> np.ndarray:
     return np.zeros(0, _jit().TAGS[v])
 
 
-def _threads() -> int:
+def _threads(threads: int | None = None) -> int:
+    """Threads of a kernel call: `threads`, else torch's setting (the user's choice for every
+    kernel), within numba's pool."""
     import numba
 
-    return max(1, min(numba.get_num_threads(), torch.get_num_threads()))
+    return max(1, min(numba.get_num_threads(), threads or torch.get_num_threads()))
 
 
 # ---------------------------------------------------------------- activations
@@ -257,12 +254,12 @@ def _layer_meta(experts):
     return H, inter
 
 
-def _decode_one(x: np.ndarray, experts, weights, tag) -> np.ndarray:
+def _decode_one(x: np.ndarray, experts, weights, tag, threads) -> np.ndarray:
     jit = _jit()
     H, inter = _layer_meta(experts)
     gu0, dn0 = experts[0]
     E = len(experts)
-    nthreads = _threads()
+    nthreads = _threads(threads)
     ws = _workspace((H, inter, E, gu0.group, dn0.group, nthreads), H, inter, E, gu0.group, dn0.group, nthreads)
     gu = np.array([g.tensors["tiles"].data_ptr() for g, _ in experts], np.int64)
     dn = np.array([d.tensors["tiles"].data_ptr() for _, d in experts], np.int64)
@@ -275,20 +272,23 @@ def _decode_one(x: np.ndarray, experts, weights, tag) -> np.ndarray:
     return y[:H]
 
 
-def moe_layer_decode(x: torch.Tensor, experts, weights, act="silu", variant_: str | None = None) -> torch.Tensor:
+def moe_layer_decode(x: torch.Tensor, experts, weights, act="silu", variant_: str | None = None,
+                     threads: int | None = None) -> torch.Tensor:
     """sum_e weights[e] * down_e(silu(gate_e(x)) * up_e(x)) over the selected experts, in one call.
 
     x [H]: experts is a list of (gate_up [2I, H], down [H, I]) "rowtile" matrices, weights a list
     of floats. x [B, H] (prefill): experts[b] and weights[b] are token row b's; rows run one
     after another (correct, not tuned). Returns fp32 of x's shape. `act` must be SiLU (SwiGLU
-    experts); other activations go through moe_layer_reference."""
+    experts); other activations go through moe_layer_reference. `variant_` and `threads` override
+    the dispatch (variant()) and the thread count (torch's) for tests and benchmarks."""
     if not _is_silu(act):
         raise MoeOffloadError(f"moe_layer_decode computes SwiGLU experts (SiLU), not {act!r}")
     tag = _tag(variant_ or variant())
     xf = x.float().contiguous().numpy()
     if xf.ndim == 1:
-        return torch.from_numpy(_decode_one(xf, experts, weights, tag))
-    return torch.from_numpy(np.stack([_decode_one(xf[b], experts[b], weights[b], tag) for b in range(xf.shape[0])]))
+        return torch.from_numpy(_decode_one(xf, experts, weights, tag, threads))
+    return torch.from_numpy(np.stack([_decode_one(xf[b], experts[b], weights[b], tag, threads)
+                                      for b in range(xf.shape[0])]))
 
 
 def moe_layer_reference(x: torch.Tensor, experts, weights, act=F.silu, quantize: bool = True) -> torch.Tensor:
