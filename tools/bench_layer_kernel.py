@@ -100,9 +100,10 @@ def main():
     ap.add_argument("--calls", type=int, default=300)
     ap.add_argument("--variant", default=None, help=f"one of {kernels_layer.usable_variants()}")
     ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--threads", type=int, default=2, help="threads of both paths (torch and the layer kernel)")
     a = ap.parse_args()
     torch.manual_seed(0)
-    torch.set_num_threads(2)
+    torch.set_num_threads(a.threads)
     variant = a.variant or kernels_layer.variant()
     with cpu_lock():
         load = os.getloadavg()
@@ -110,7 +111,7 @@ def main():
     print(f"RAM read bandwidth (1 GiB torch sum, 2 threads): best {bw:.1f} GB/s, median {bw_med:.1f}; "
           f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     print(f"rowtile variant: {variant} (usable here: {', '.join(kernels_layer.usable_variants())}), "
-          f"threads {kernels_layer._threads()}")
+          f"threads {kernels_layer._threads()}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}")
     for name in a.shapes.split(","):
         H, I, k, E = SHAPES[name]
         rt = make_experts(H, I, 8, 1, "rowtile")[0]

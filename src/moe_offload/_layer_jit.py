@@ -210,6 +210,22 @@ def atomic_load(typingctx, arr, i):
     return sig, codegen
 
 
+@intrinsic
+def yield_cpu(typingctx):
+    """sched_yield(): a waiting thread gives its core away. On a shared machine the thread it
+    waits for may be queued behind it on the same core; a plain spin then burns a whole
+    timeslice (measured: 16 ms stalls on calls of 0.5 ms under load). Returns at once when
+    nothing else is runnable."""
+    sig = types.void()
+
+    def codegen(context, builder, signature, args):
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_i32, []), "sched_yield")
+        builder.call(fn, [])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 # ---------------------------------------------------------------- activations
 
 @njit(inline="always", **{k: v for k, v in _OPTS.items() if k not in ("nogil", "cache")})
@@ -258,58 +274,100 @@ def _silu(v):
     return v / (np.float32(1) + np.exp(-v))
 
 
-@njit(parallel=True, **_OPTS)
-def layer(tag, x, gu, dn, wts, inter, meta, xq, xs, xsum, hq, hs, hsum, hbuf, y, counters, nthreads):
-    """y[:H] = sum_e wts[e] * down_e(silu(gate_e(x)) * up_e(x)) for the experts whose tile buffers
-    start at addresses gu[e] ([2I, H]: gate rows, then up rows) and dn[e] ([H, I]).
+@njit(inline="always", error_model="numpy", boundscheck=False)
+def _views(x, addrs, meta, inter, bbuf, fbuf, nthreads):
+    """The scratch arrays inside bbuf and fbuf (see layer)."""
+    H = x.shape[0]
+    E = addrs.shape[1]
+    ng1 = H // meta[1]
+    ng2 = inter // meta[4]
+    hw = max(2 * meta[4], 16)
+    o = 2 * ng1 + 2 * E * ng2
+    return (bbuf[:H], bbuf[H:H + E * inter].reshape((E, inter)), fbuf[:ng1], fbuf[ng1:2 * ng1],
+            fbuf[2 * ng1:2 * ng1 + E * ng2].reshape((E, ng2)), fbuf[2 * ng1 + E * ng2:o].reshape((E, ng2)),
+            fbuf[o:o + nthreads * hw].reshape((nthreads, hw)), fbuf[o + nthreads * hw:])
 
-    meta = (bits, group, tile bytes) of gate_up, then of down. One parallel region, two phases:
+
+@njit(inline="always", error_model="numpy", boundscheck=False)
+def _prologue(x, meta, xq, xs, xsum, counters):
+    for g in range(x.shape[0] // meta[1]):
+        _quant_group(x, xq, xs, xsum, g, meta[1])
+    counters[:] = 0
+
+
+@njit(inline="always", fastmath={"contract"}, error_model="numpy", boundscheck=False)
+def _thread(tag, x, wts, addrs, meta, inter, xq, hq, xs, xsum, hs, hsum, hb, y, counters):
+    """One thread's share of a layer call: it claims units until none are left (see layer)."""
+    H = x.shape[0]
+    E = addrs.shape[1]
+    b1, g1, t1, b2, g2, t2 = meta[0], meta[1], meta[2], meta[3], meta[4], meta[5]
+    ng1 = H // g1
+    ng2 = inter // g2
+    total1 = E * ng2
+    total2 = (H + 15) // 16
+    while True:
+        u = atomic_add(counters, 0, 1)
+        if u >= total1:
+            break
+        e = u // ng2
+        c = u - e * ng2
+        for half in range(2):  # hb = the chunk's gate values, then its up values
+            for r in range(g2 // 16):
+                rb = (half * inter + c * g2) // 16 + r
+                rowblock(tag, addrs[0, e] + rb * ng1 * t1, t1, b1, 0, ng1, g1, xq.ctypes.data, xs.ctypes.data,
+                         xsum.ctypes.data, hb.ctypes.data + (half * g2 + r * 16) * 4)
+        for j in range(g2):
+            hb[j] = _silu(hb[j]) * hb[g2 + j]
+        _quant_group(hb[:g2], hq[e, c * g2:(c + 1) * g2], hs[e, c:c + 1], hsum[e, c:c + 1], 0, g2)
+        atomic_add(counters, 1, 1)
+    while atomic_load(counters, 1) < total1:
+        yield_cpu()
+    acc = hb[:16]
+    while True:
+        u = atomic_add(counters, 2, 1)
+        if u >= total2:
+            break
+        out = y[u * 16:u * 16 + 16]
+        out[:] = 0
+        for e in range(E):
+            rowblock(tag, addrs[1, e] + u * ng2 * t2, t2, b2, 0, ng2, g2, hq[e].ctypes.data, hs[e].ctypes.data,
+                     hsum[e].ctypes.data, acc.ctypes.data)
+            w = wts[e]
+            for j in range(16):
+                out[j] += w * acc[j]
+
+
+@njit(parallel=True, **_OPTS)
+def layer(tag, x, wts, addrs, meta, inter, bbuf, fbuf, counters, nthreads):
+    """Writes sum_e wts[e] * down_e(silu(gate_e(x)) * up_e(x)) to fbuf[-ceil(H/16)*16:] for the
+    experts whose tile buffers start at addresses addrs[0, e] (gate_up [2I, H]: gate rows, then up
+    rows) and addrs[1, e] (down [H, I]).
+
+    meta = (bits, group, tile bytes) of gate_up, then of down. Scratch (few arguments: each costs
+    dispatch time): bbuf int8 [H + E*I] (x, then the down inputs, as int8 codes); fbuf fp32
+    [scales and sums of both, nthreads x max(2 * down group, 16), output].
+    One parallel region, two phases:
     1. units (expert, chunk of one down group of intermediate rows): gate and up rows of the chunk,
-       silu * up, quantized to int8 in place (hq, hs, hsum: the down input of that group);
+       silu * up, quantized to int8 (the down input of that group);
     2. units (row block of the output): every expert's down rows, weighted sum.
     Threads claim units with an atomic counter, so a thread that starts late (or never: a thread
     pool that runs the iterations one after another) leaves its units to the others; phase 2
     waits until every phase-1 unit is done, which only waits on units already claimed by a
     running thread: it cannot deadlock.
     """
-    H = x.shape[0]
-    E = gu.shape[0]
-    b1, g1, t1, b2, g2, t2 = meta[0], meta[1], meta[2], meta[3], meta[4], meta[5]
-    ng1 = H // g1
-    ng2 = inter // g2
-    quant_rows(x.reshape((1, H)), g1, xq.reshape((1, H)), xs.reshape((1, ng1)), xsum.reshape((1, ng1)))
-    total1 = E * ng2
-    total2 = (H + 15) // 16
-    counters[:] = 0
+    xq, hq, xs, xsum, hs, hsum, hbuf, y = _views(x, addrs, meta, inter, bbuf, fbuf, nthreads)
+    _prologue(x, meta, xq, xs, xsum, counters)
     for t in prange(nthreads):
-        hb = hbuf[t]  # gate then up values of one chunk
-        while True:
-            u = atomic_add(counters, 0, 1)
-            if u >= total1:
-                break
-            e = u // ng2
-            c = u - e * ng2
-            for half in range(2):
-                for r in range(g2 // 16):
-                    rb = (half * inter + c * g2) // 16 + r
-                    rowblock(tag, gu[e] + rb * ng1 * t1, t1, b1, 0, ng1, g1, xq.ctypes.data, xs.ctypes.data,
-                             xsum.ctypes.data, hb.ctypes.data + (half * g2 + r * 16) * 4)
-            for j in range(g2):
-                hb[j] = _silu(hb[j]) * hb[g2 + j]
-            _quant_group(hb[:g2], hq[e, c * g2:(c + 1) * g2], hs[e, c:c + 1], hsum[e, c:c + 1], 0, g2)
-            atomic_add(counters, 1, 1)
-        while atomic_load(counters, 1) < total1:
-            pass
-        acc = hb[:16]
-        while True:
-            u = atomic_add(counters, 2, 1)
-            if u >= total2:
-                break
-            out = y[u * 16:u * 16 + 16]
-            out[:] = 0
-            for e in range(E):
-                rowblock(tag, dn[e] + u * ng2 * t2, t2, b2, 0, ng2, g2, hq[e].ctypes.data, hs[e].ctypes.data,
-                         hsum[e].ctypes.data, acc.ctypes.data)
-                w = wts[e]
-                for j in range(16):
-                    out[j] += w * acc[j]
+        _thread(tag, x, wts, addrs, meta, inter, xq, hq, xs, xsum, hs, hsum, hbuf[t], y, counters)
+
+
+@njit(**_OPTS)
+def layer_serial(tag, x, wts, addrs, meta, inter, bbuf, fbuf, counters):
+    """layer() on the calling thread alone: no parallel launch (a thread pool's fork and join)."""
+    xq, hq, xs, xsum, hs, hsum, hbuf, y = _views(x, addrs, meta, inter, bbuf, fbuf, 1)
+    _prologue(x, meta, xq, xs, xsum, counters)
+    _thread(tag, x, wts, addrs, meta, inter, xq, hq, xs, xsum, hs, hsum, hbuf[0], y, counters)
+
+
+def fbuf_size(H, inter, E, g1, g2, nthreads):
+    return 2 * (H // g1) + 2 * E * (inter // g2) + nthreads * max(2 * g2, 16) + (H + 15) // 16 * 16

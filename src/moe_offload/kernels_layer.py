@@ -161,6 +161,7 @@ def _jit():
     return importlib.import_module("._layer_jit", __package__)
 
 
+@functools.lru_cache(maxsize=None)
 def _tag(v: str) -> np.ndarray:
     if v not in VARIANTS:
         raise MoeOffloadError(f"unknown rowtile variant {v!r}")
@@ -172,9 +173,14 @@ def _tag(v: str) -> np.ndarray:
 def _threads(threads: int | None = None) -> int:
     """Threads of a kernel call: `threads`, else torch's setting (the user's choice for every
     kernel), within numba's pool."""
+    return max(1, min(_numba().get_num_threads(), threads or torch.get_num_threads()))
+
+
+@functools.lru_cache(maxsize=1)
+def _numba():
     import numba
 
-    return max(1, min(numba.get_num_threads(), threads or torch.get_num_threads()))
+    return numba
 
 
 # ---------------------------------------------------------------- activations
@@ -226,50 +232,55 @@ def _is_silu(act) -> bool:
 _work = threading.local()
 
 
-def _workspace(key, H, inter, E, g1, g2, nthreads):
+def _workspace(H, inter, E, g1, g2, nthreads):
+    """Scratch of one layer call (see _layer_jit.layer), kept per shape and calling thread."""
+    key = (H, inter, E, g1, g2, nthreads)
     cache = getattr(_work, "bufs", None)
     if cache is None:
         cache = _work.bufs = {}
     w = cache.get(key)
     if w is None:
-        w = cache[key] = dict(
-            xq=np.empty(H, np.int8), xs=np.empty(H // g1, np.float32), xsum=np.empty(H // g1, np.float32),
-            hq=np.empty((E, inter), np.int8), hs=np.empty((E, inter // g2), np.float32),
-            hsum=np.empty((E, inter // g2), np.float32), hbuf=np.empty((nthreads, max(2 * g2, 16)), np.float32),
-            counters=np.zeros(4, np.int64))
+        w = cache[key] = (np.empty(H + E * inter, np.int8),
+                          np.empty(_jit().fbuf_size(H, inter, E, g1, g2, nthreads), np.float32),
+                          np.zeros(4, np.int64), np.empty((2, E), np.int64))
     return w
 
 
 def _layer_meta(experts):
+    """(H, I, meta) of a layer call; checks that the experts form SwiGLUs of one shape and format."""
+    kinds = {(g.fmt, g.n, g.k, g.bits, g.group, d.fmt, d.n, d.k, d.bits, d.group) for g, d in experts}
     gu0, dn0 = experts[0]
     H, inter = gu0.k, gu0.n // 2
-    for gu, dn in experts:
-        if gu.fmt != FMT or dn.fmt != FMT:
-            raise MoeOffloadError(f"moe_layer_decode reads the {FMT!r} format, not {gu.fmt!r}/{dn.fmt!r}")
-        if (gu.n, gu.k, dn.n, dn.k) != (2 * inter, H, H, inter):
-            raise MoeOffloadError(f"expert shapes gate_up [{gu.n}, {gu.k}], down [{dn.n}, {dn.k}] do not "
-                                  f"form a SwiGLU of hidden {H}, intermediate {inter}")
-        if (gu.bits, gu.group, dn.bits, dn.group) != (gu0.bits, gu0.group, dn0.bits, dn0.group):
-            raise MoeOffloadError("the experts of one layer call must share bits and group sizes")
-    return H, inter
+    if len(kinds) > 1:
+        raise MoeOffloadError("the experts of one layer call must share shapes, bits and group sizes")
+    if gu0.fmt != FMT or dn0.fmt != FMT:
+        raise MoeOffloadError(f"moe_layer_decode reads the {FMT!r} format, not {gu0.fmt!r}/{dn0.fmt!r}")
+    if (gu0.n, dn0.n, dn0.k) != (2 * inter, H, inter):
+        raise MoeOffloadError(f"expert shapes gate_up [{gu0.n}, {gu0.k}], down [{dn0.n}, {dn0.k}] do not "
+                              f"form a SwiGLU of hidden {H}, intermediate {inter}")
+    meta = _meta(gu0.bits, gu0.group, dn0.bits, dn0.group)
+    return H, inter, meta
+
+
+@functools.lru_cache(maxsize=None)
+def _meta(b1, g1, b2, g2):
+    return np.array([b1, g1, tile_bytes(b1, g1), b2, g2, tile_bytes(b2, g2)], np.int64)
 
 
 def _decode_one(x: np.ndarray, experts, weights, tag, threads) -> np.ndarray:
-    jit = _jit()
-    H, inter = _layer_meta(experts)
-    gu0, dn0 = experts[0]
+    H, inter, meta = _layer_meta(experts)
     E = len(experts)
     nthreads = _threads(threads)
-    ws = _workspace((H, inter, E, gu0.group, dn0.group, nthreads), H, inter, E, gu0.group, dn0.group, nthreads)
-    gu = np.array([g.tensors["tiles"].data_ptr() for g, _ in experts], np.int64)
-    dn = np.array([d.tensors["tiles"].data_ptr() for _, d in experts], np.int64)
-    meta = np.array([gu0.bits, gu0.group, tile_bytes(gu0.bits, gu0.group),
-                     dn0.bits, dn0.group, tile_bytes(dn0.bits, dn0.group)], np.int64)
-    y = np.empty(-(-H // ROWS) * ROWS, np.float32)
-    with kernels_grouped.launch_lock:
-        jit.layer(tag, x, gu, dn, np.asarray(weights, np.float32), inter, meta, ws["xq"], ws["xs"], ws["xsum"],
-                  ws["hq"], ws["hs"], ws["hsum"], ws["hbuf"], y, ws["counters"], nthreads)
-    return y[:H]
+    bbuf, fbuf, counters, addrs = _workspace(H, inter, E, meta[1], meta[4], nthreads)
+    addrs[0] = [g.tensors["tiles"].data_ptr() for g, _ in experts]
+    addrs[1] = [d.tensors["tiles"].data_ptr() for _, d in experts]
+    wts = np.asarray(weights, np.float32)
+    if nthreads == 1:
+        _jit().layer_serial(tag, x, wts, addrs, meta, inter, bbuf, fbuf, counters)
+    else:
+        with kernels_grouped.launch_lock:
+            _jit().layer(tag, x, wts, addrs, meta, inter, bbuf, fbuf, counters, nthreads)
+    return fbuf[len(fbuf) - -(-H // ROWS) * ROWS:][:H].copy()
 
 
 def moe_layer_decode(x: torch.Tensor, experts, weights, act="silu", variant_: str | None = None,
