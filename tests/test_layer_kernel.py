@@ -19,6 +19,7 @@ VARIANTS = kl.usable_variants()
 def _one_torch_thread():
     """The references run on one torch thread (on a shared 2-core machine a parallel torch op
     waits for a descheduled thread: 100x slower); the kernels are given 2 threads explicitly."""
+    kl._threads()  # numba starts its OpenMP pool first: that resets torch's thread count
     old = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
