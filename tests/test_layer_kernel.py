@@ -160,7 +160,7 @@ def test_rejects_what_it_cannot_compute():
         kl.moe_layer_decode(x, experts, [0.5, 0.5], F.gelu)
     with pytest.raises(MoeOffloadError, match="do not form"):
         kl.moe_layer_decode(x, [(experts[0][1], experts[0][0])], [1.0], F.silu)
-    with pytest.raises(MoeOffloadError, match="share bits"):
+    with pytest.raises(MoeOffloadError, match="must share shapes, bits"):
         kl.moe_layer_decode(x, [experts[0], (experts[1][0], kl.quantize_rowtile(torch.randn(64, 32), 2, 32))],
                             [0.5, 0.5], F.silu)
     with pytest.raises(MoeOffloadError):
