@@ -1,0 +1,205 @@
+"""The "rowtile" format and the one-call MoE layer kernel against their plain references, on fresh
+random inputs, for every dot-step variant this CPU runs (VNNI and the portable fallback)."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moe_offload import kernels_layer as kl
+from moe_offload.errors import MoeOffloadError
+
+pytest.importorskip("numba")
+VARIANTS = kl.usable_variants()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """The references run on one torch thread (on a shared 2-core machine a parallel torch op
+    waits for a descheduled thread: 100x slower); the kernels are given 2 threads explicitly."""
+    kl._threads()  # numba starts its OpenMP pool first: that resets torch's thread count
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def _codes(n, k, bits, group):
+    q = torch.randint(0, 2**bits, (n, k), dtype=torch.uint8)
+    s = (torch.rand(n, k // group) * 0.01 + 1e-3).half().float()
+    mn = (torch.randn(n, k // group) * 0.05).half().float()
+    return q, s, mn
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("n,k,group", [(1, 32, 32), (17, 96, 32), (48, 256, 64), (40, 384, 128)])
+def test_pack_then_dequantize_is_exact(bits, n, k, group):
+    q, s, mn = _codes(n, k, bits, group)
+    m = kl.pack_rowtile(q, s, mn, bits, group)
+    assert m.tensors["tiles"].shape == (-(-n // 16), k // group, kl.tile_bytes(bits, group))
+    w = q.float().reshape(n, -1, group) * s.unsqueeze(-1) + mn.unsqueeze(-1)
+    assert torch.equal(kl.dequantize_rowtile(m), w.reshape(n, k))
+
+
+@pytest.mark.parametrize("bits,limit", [(2, 0.40), (3, 0.20), (4, 0.10), (8, 0.01)])
+def test_quantize_error(bits, limit):
+    # limits from the HQQ error table at group 64 (FACTS), with slack for min-max codes
+    w = torch.randn(64, 512)
+    m = kl.quantize_rowtile(w, bits, 64, optimize=bits == 4)
+    err = ((kl.dequantize_rowtile(m) - w).norm() / w.norm()).item()
+    assert err < limit
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("n,k,group", [(16, 32, 32), (33, 544, 32), (384, 512, 64), (200, 256, 128)])
+def test_linear_matches_reference(variant, bits, n, k, group):
+    m = kl.pack_rowtile(*_codes(n, k, bits, group), bits, group)
+    x = torch.randn(3, k)
+    x[1, :group] = 0  # an all-zero activation group (scale 0)
+    y = kl.linear(x, m, variant)
+    ref = kl.linear_reference(x, m, quantize=True)
+    # same rounded activations, fp32 sums in another order
+    assert (y - ref).abs().max() <= 1e-5 * ref.abs().max()
+    # against unrounded activations: each x moves by at most half a step, scale/2 of its group
+    w = kl.dequantize_rowtile(m)
+    _, sc = kl.quantize_activations(x, group)
+    bound = w.abs() @ (sc.repeat_interleave(group, 1) / 2).T  # [n, 3]
+    exact = x @ w.T
+    assert ((y - exact).abs() <= bound.T * 1.001 + 1e-6).all()
+
+
+def _experts(H, inter, k, bits, group, optimize=False):
+    return [(kl.quantize_rowtile(torch.randn(2 * inter, H) * 0.02, bits, group, optimize=optimize),
+             kl.quantize_rowtile(torch.randn(H, inter) * 0.02, bits, group, optimize=optimize)) for _ in range(k)]
+
+
+def _layer_error_ok(y, x, experts, weights):
+    """Is y the layer output up to fp32 summation order? The kernel and the reference round the
+    down input (silu(gate) * up) to int8 from fp32 values that differ in the last bits, so a code
+    may differ by one where the value sits on a rounding boundary: those elements get one step of
+    slack each (|W_down column| * step), every other element none."""
+    ref = kl.moe_layer_reference(x, experts, weights, F.silu, quantize=True)
+    slack = torch.zeros_like(ref)
+    for (gu, dn), w in zip(experts, weights):
+        gate, up = kl.linear_reference(x.unsqueeze(0), gu)[0].chunk(2)
+        h = (F.silu(gate) * up).reshape(-1, dn.group)
+        step = h.abs().amax(-1, keepdim=True) / 127
+        frac = torch.where(step > 0, h / step, torch.zeros_like(h)).abs() % 1
+        near = ((frac - 0.5).abs() < 1e-3).reshape(-1).float()
+        slack += abs(w) * (kl.dequantize_rowtile(dn).abs() @ (near * step.expand_as(h).reshape(-1)))
+    return bool(((y - ref).abs() <= 2e-5 * ref.abs().max() + slack * 1.01).all())
+
+
+LAYERS = [  # H, I, top-k, bits, group
+    (512, 192, 8, 4, 64), (512, 192, 1, 2, 32), (1024, 3584, 2, 4, 64), (544, 96, 3, 3, 32),
+    (32, 32, 1, 4, 32), (256, 128, 5, 8, 128), (1056, 64, 4, 2, 32)]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("H,inter,k,bits,group", LAYERS)
+def test_layer_matches_reference(variant, H, inter, k, bits, group):
+    if H * inter > 10**6 and variant != VARIANTS[0]:
+        pytest.skip("the large shape runs on the fastest variant only (test time)")
+    experts = _experts(H, inter, k, bits, group)
+    x, weights = torch.randn(H), torch.rand(k).tolist()
+    y = kl.moe_layer_decode(x, experts, weights, F.silu, variant_=variant, threads=2)
+    assert y.shape == (H,) and y.dtype == torch.float32
+    assert _layer_error_ok(y, x, experts, weights)
+    # the int8 activations' cost against fp32 activations on the same weights (measured ~1.4%)
+    ref = kl.moe_layer_reference(x, experts, weights, F.silu, quantize=False)
+    assert ((y - ref).norm() / ref.norm()).item() < 0.04
+
+
+def test_variants_agree_bitwise():
+    """Integer dot products are exact and the fp32 steps run in the same order in every variant,
+    whichever thread computes a unit."""
+    experts = _experts(512, 192, 4, 4, 64)
+    x, weights = torch.randn(512), torch.rand(4).tolist()
+    ys = [kl.moe_layer_decode(x, experts, weights, "silu", variant_=v, threads=t) for v in VARIANTS for t in (1, 2)]
+    assert all(torch.equal(ys[0], y) for y in ys[1:])  # also: one thread (no parallel launch) or two
+
+
+def test_a_wrong_weight_ordering_is_caught():
+    """The check the layer tests use fails on plausible layout mistakes."""
+    H, inter, k = 256, 96, 3
+    experts = _experts(H, inter, k, 4, 32)
+    x, weights = torch.randn(H), torch.rand(k).tolist()
+    y = kl.moe_layer_decode(x, experts, weights, F.silu)
+    assert _layer_error_ok(y, x, experts, weights)
+    swapped = []  # up rows first, then gate rows
+    for gu, dn in experts:
+        w = kl.dequantize_rowtile(gu)
+        swapped.append((kl.quantize_rowtile(torch.cat([w[inter:], w[:inter]]), 8, 32, optimize=False), dn))
+    assert not _layer_error_ok(kl.moe_layer_decode(x, swapped, weights, F.silu), x, experts, weights)
+    assert not _layer_error_ok(kl.moe_layer_decode(x, experts, weights[::-1], F.silu), x, experts, weights)
+    assert not _layer_error_ok(kl.moe_layer_decode(x, experts[:2], weights[:2], F.silu), x, experts, weights)
+
+
+def test_batch_rows_use_their_own_experts():
+    H, inter = 256, 64
+    pool = _experts(H, inter, 5, 4, 32)
+    rows = [[0, 3], [4], [1, 2, 3]]
+    x = torch.randn(len(rows), H)
+    experts = [[pool[i] for i in r] for r in rows]
+    weights = [torch.rand(len(r)).tolist() for r in rows]
+    y = kl.moe_layer_decode(x, experts, weights, F.silu)
+    assert y.shape == x.shape
+    for b in range(len(rows)):
+        assert _layer_error_ok(y[b], x[b], experts[b], weights[b])
+    ref = kl.moe_layer_reference(x, experts, weights, F.silu)
+    assert torch.allclose(ref[1], kl.moe_layer_reference(x[1], experts[1], weights[1], F.silu))
+
+
+def test_rejects_what_it_cannot_compute():
+    experts = _experts(64, 32, 2, 4, 32)
+    x = torch.randn(64)
+    with pytest.raises(MoeOffloadError, match="SwiGLU"):
+        kl.moe_layer_decode(x, experts, [0.5, 0.5], F.gelu)
+    with pytest.raises(MoeOffloadError, match="do not form"):
+        kl.moe_layer_decode(x, [(experts[0][1], experts[0][0])], [1.0], F.silu)
+    with pytest.raises(MoeOffloadError, match="must share shapes, bits"):
+        kl.moe_layer_decode(x, [experts[0], (experts[1][0], kl.quantize_rowtile(torch.randn(64, 32), 2, 32))],
+                            [0.5, 0.5], F.silu)
+    with pytest.raises(MoeOffloadError):
+        kl.quantize_rowtile(torch.randn(16, 48), 4, 32)  # input size not a multiple of 32
+
+
+def test_dispatch_follows_the_cpu(monkeypatch):
+    assert VARIANTS[-1] == "portable"
+    with open("/proc/cpuinfo") as f:
+        flags = f.read()
+    if "avx512_vnni" in flags:
+        assert "vnni512" in VARIANTS and kl.variant() == "vnni512"
+    monkeypatch.setenv("MOE_OFFLOAD_ROWTILE", "portable")
+    assert kl.variant() == "portable"
+    monkeypatch.setenv("MOE_OFFLOAD_ROWTILE", "nonsense")
+    with pytest.raises(MoeOffloadError):
+        kl.variant()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="x86 Linux build")
+def test_a_cpu_without_vnni_runs_the_portable_code():
+    """numba compiles for an AVX2 CPU (haswell): dispatch must pick the portable variant, and its
+    code must not need VNNI (LLVM would fail to select the instruction), with the same results."""
+    code = (
+        "import torch, torch.nn.functional as F\n"
+        "from moe_offload import kernels_layer as kl\n"
+        "assert kl.usable_variants() == ('portable',), kl.usable_variants()\n"
+        "torch.manual_seed(0)\n"
+        "e = [(kl.quantize_rowtile(torch.randn(2*64, 96), b, 32, optimize=False),"
+        " kl.quantize_rowtile(torch.randn(96, 64), b, 32, optimize=False)) for b in (2, 3, 4, 8) for _ in range(1)]\n"
+        "for ex in e:\n"
+        "    x = torch.randn(96)\n"
+        "    y = kl.moe_layer_decode(x, [ex], [0.7], F.silu)\n"
+        "    r = kl.moe_layer_reference(x, [ex], [0.7], F.silu)\n"
+        "    assert ((y - r).norm() / r.norm()).item() < 1e-4, ((y - r).norm() / r.norm()).item()\n"
+        "print('portable ok')\n")
+    env = dict(os.environ, NUMBA_CPU_NAME="haswell",
+               NUMBA_CPU_FEATURES="+avx,+avx2,+fma,+f16c,+sse4.2,+popcnt,+bmi,+bmi2,+lzcnt,+movbe,+cx16",
+               PYTHONPATH=os.pathsep.join(p for p in [os.path.join(os.path.dirname(__file__), "..", "src"),
+                                                      os.environ.get("PYTHONPATH", "")] if p))
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "portable ok" in r.stdout, r.stderr[-2000:]
