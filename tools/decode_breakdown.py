@@ -3,7 +3,7 @@
     flock /tmp/cpu.lock .venv/bin/python tools/decode_breakdown.py STORE [TOKENS]
 
 Every expert is made resident first (the `resident` bench mode), so no time is spent on disk.
-The parts are transformers' Mixtral modules; "experts" is our OffloadedExperts.
+The parts are transformers' own modules; "experts" is the stock experts module running our offloaded implementation.
 """
 import collections
 import sys
