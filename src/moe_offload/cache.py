@@ -131,10 +131,13 @@ class ExpertCache:
             self.stats.add(prefetch_loads=started)
         return started
 
-    def stream(self, layer: int, experts) -> Iterator[tuple[int, object]]:
+    def stream(self, layer: int, experts, hold: bool = False) -> Iterator[tuple[int, object]]:
         """Yield (expert, slot views) for every requested expert, resident ones first, misses as
         their reads complete. Each expert stays pinned until the caller asks for the next one, so
-        a layer needing more experts than its pool holds still runs, a few at a time."""
+        a layer needing more experts than its pool holds still runs, a few at a time. With `hold`,
+        every yielded expert stays pinned until the generator is closed (one call computing all
+        of them; the pool must hold that many, which the minimum cache size guarantees at decode)."""
+        held: list[Slot] = []
         pool = self.pool(layer)
         with self.lock:
             pending = sorted((int(e) for e in experts), key=lambda e: (layer, e) not in self.residency)
@@ -180,11 +183,16 @@ class ExpertCache:
                 try:
                     yield expert, slot.views
                 finally:
-                    with self.lock:
-                        slot.pins -= 1
+                    if hold:
+                        held.append(slot)
+                    else:
+                        with self.lock:
+                            slot.pins -= 1
         finally:
             with self.lock:
                 for _, slot in active:
+                    slot.pins -= 1
+                for slot in held:
                     slot.pins -= 1
 
     def _wait(self, futures: list[Future]) -> None:

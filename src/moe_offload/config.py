@@ -12,6 +12,7 @@ DENSE_BITS = (4, 8, 16)
 # one scale per output channel (group 0), the layout torch's fused int8 GEMV reads; an explicit
 # group size keeps 8-bit per-group.
 DEFAULT_GROUP = {2: 16, 3: 64, 4: 64, 8: 0}
+EXPERT_FORMATS = ("auto", "rowtile")
 POLICIES = ("lru",)
 SCOPES = ("layer", "global")
 
@@ -23,8 +24,15 @@ class QuantConfig:
     expert_bits: int = 4
     dense_bits: int = 4
     group_size: int | None = None  # None: the paper's default for each bit width
+    # "auto": the fastest format the shape allows (quant.choose_format); "rowtile": the one-call,
+    # int8-activation layer kernel for decode (kernels_layer.py), the same bytes on every CPU.
+    expert_format: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.expert_format not in EXPERT_FORMATS:
+            raise MoeOffloadError(f"expert_format must be one of {EXPERT_FORMATS}, got {self.expert_format!r}")
+        if self.expert_format == "rowtile" and self.expert_bits == 16:
+            raise MoeOffloadError("the rowtile format stores 2, 3, 4 or 8 bits, not 16")
         if self.expert_bits not in EXPERT_BITS:
             raise MoeOffloadError(f"expert_bits must be one of {EXPERT_BITS}, got {self.expert_bits}")
         if self.dense_bits not in DENSE_BITS:

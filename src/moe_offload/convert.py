@@ -177,7 +177,8 @@ def _quantize_expert(cmap: CheckpointMap, sources, spec: MoeSpec, job: tuple[int
     for name, param in (("gate_up", first), ("down", "down_proj")):
         w = cmap.expert_tensor(sources, layer, param, expert)
         w = w.t() if spec.is_transposed else w  # stored [in, out]: the kernels read [out, in]
-        out[name] = quantize(w.contiguous(), bits, group)
+        out[name] = quantize(w.contiguous(), bits, group,
+                             fmt=None if quant.expert_format == "auto" else quant.expert_format)
         if spec.has_bias:
             out[f"{name}_bias"] = cmap.expert_tensor(sources, layer, f"{param}_bias", expert).float().contiguous()
     return out
@@ -185,12 +186,12 @@ def _quantize_expert(cmap: CheckpointMap, sources, spec: MoeSpec, job: tuple[int
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, *, expert_bits: int = 4, dense_bits: int = 4,
             group_size: int | None = None, overwrite: bool = False, progress: bool = True,
-            workers: int | None = None) -> Path:
+            workers: int | None = None, expert_format: str = "auto") -> Path:
     """Convert a Hugging Face MoE checkpoint folder into a store folder; returns the store's path.
 
     workers: matrices quantized at once, one thread each (default: one per usable core, as many as
     fit in half the available memory); the store is byte for byte the same whatever the number."""
-    quant = QuantConfig(expert_bits, dense_bits, group_size)
+    quant = QuantConfig(expert_bits, dense_bits, group_size, expert_format)
     if workers is not None and int(workers) < 1:
         raise MoeOffloadError(f"workers must be at least 1, got {workers}")
     src, dst = Path(src), Path(dst)
@@ -232,6 +233,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, expert_bits: int 
             "source": {"path": str(src.resolve()), "fingerprint": _fingerprint(src, index.values()),
                        "format": sources.source_format, "skipped_tensors": len(cmap.skipped)},
             "quant": {"expert_bits": quant.expert_bits, "dense_bits": quant.dense_bits,
+                      "expert_format": quant.expert_format,
                       "expert_group": quant.group_for(quant.expert_bits) if quant.expert_bits < 16 else None,
                       "dense_group": quant.group_for(quant.dense_bits) if quant.dense_bits < 16 else None},
             "int4pack_layout": int4pack_layout_id(),

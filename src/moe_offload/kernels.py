@@ -28,6 +28,10 @@ def use_reference(enabled: bool = True):
         _state.reference = old
 
 
+def reference_mode() -> bool:
+    return getattr(_state, "reference", False)
+
+
 def linear_reference(x: torch.Tensor, m: QMatrix) -> torch.Tensor:
     return F.linear(x.float(), dequantize(m)).to(x.dtype)
 
@@ -42,6 +46,10 @@ def linear(x: torch.Tensor, m: QMatrix) -> torch.Tensor:
     if m.fmt == "int4pack":
         x2 = x.reshape(-1, m.k).to(torch.bfloat16).contiguous()
         return _int4pack_mm(x2, m).to(x.dtype).reshape(*x.shape[:-1], m.n)
+    if m.fmt == "rowtile":
+        from . import kernels_layer
+
+        return kernels_layer.linear(x, m).to(x.dtype)
     if m.fmt == "int8":
         x2 = x.reshape(-1, m.k).to(torch.bfloat16).contiguous()
         y = torch.ops.aten._weight_int8pack_mm(x2, m.tensors["codes"], m.tensors["scale"])

@@ -29,6 +29,11 @@ class LayerExperts:
         from transformers.integrations.moe import _default_apply_gate
 
         self.fused_act = act if module.has_gate and type(module)._apply_gate is _default_apply_gate else None
+        # "rowtile" SwiGLU experts without biases or post-norm: one kernel call per layer at decode.
+        layout = runtime.store.layout.matrices
+        self.layer_call = (layout["gate_up"]["fmt"] == "rowtile" and self.fused_act is not None
+                           and self.post_norm is None and "gate_up_bias" not in layout
+                           and _is_silu(self.fused_act))
 
     def expert(self, x: torch.Tensor, w: dict) -> torch.Tensor:
         if self.fused_act is not None:
@@ -58,6 +63,8 @@ class LayerExperts:
             used = [e for e in torch.unique(top_k_index).tolist() if e < self.num_experts]
         if rt.prefetcher is not None:
             rt.prefetcher.score(self.layer, set(used))
+        if decode and self.layer_call and used and not kernels.reference_mode():
+            return self._one_call(hidden_states, used, weight_of)
         for expert, weights in rt.cache.stream(self.layer, used):
             if decode:
                 y = self.expert(hidden_states, weights).mul_(weight_of[expert])
@@ -68,6 +75,25 @@ class LayerExperts:
             y = y * top_k_weights[token_idx, k_pos, None]
             out.index_add_(0, token_idx, y.to(out.dtype))
         return out if out is not None else torch.zeros_like(hidden_states)
+
+
+    def _one_call(self, hidden_states: torch.Tensor, used: list[int], weight_of: dict) -> torch.Tensor:
+        """Every expert of the token pinned at once, then computed and summed by one kernel call."""
+        from . import kernels_layer
+
+        stream = self.runtime.cache.stream(self.layer, used, hold=True)
+        try:
+            got = [next(stream) for _ in used]
+            y = kernels_layer.moe_layer_decode(hidden_states[0], [(w["gate_up"], w["down"]) for _, w in got],
+                                               [weight_of[e] for e, _ in got])
+        finally:
+            stream.close()
+        return y.to(hidden_states.dtype).unsqueeze(0)
+
+
+def _is_silu(act) -> bool:
+    return isinstance(act, torch.nn.SiLU) or type(act).__name__ in ("SiLU", "SiLUActivation") or (
+        act is torch.nn.functional.silu)
 
 
 def offloaded_experts_forward(self, hidden_states, top_k_index, top_k_weights):

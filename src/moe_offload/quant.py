@@ -185,6 +185,10 @@ def quantize(w: torch.Tensor, bits: int, group: int, *, optimize: bool = True, f
     """W [N, K] -> QMatrix in the fastest format its shape allows, or in `fmt` ("grouped" or
     "int4pack", when the shape allows it: tests and benchmarks)."""
     n, k = w.shape
+    if fmt == "rowtile":
+        from .kernels_layer import quantize_rowtile  # here: kernels_layer builds on this module
+
+        return quantize_rowtile(w, bits, group, optimize=optimize)
     if fmt in ("grouped", "int4pack"):
         g = effective_group(k, group)
     else:
@@ -352,4 +356,8 @@ def dequantize(m: QMatrix) -> torch.Tensor:
         q = unpack_codes(t["codes"], m.bits, m.k).float().reshape(m.n, groups, m.group)
         s, z = t["scale"].float().t().unsqueeze(-1), t["zero"].float().t().unsqueeze(-1)
         return ((q - z) * s).reshape(m.n, m.k)
+    if m.fmt == "rowtile":
+        from .kernels_layer import dequantize_rowtile
+
+        return dequantize_rowtile(m)
     raise MoeOffloadError(f"unknown weight format {m.fmt!r}")

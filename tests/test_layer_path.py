@@ -1,0 +1,57 @@
+"""Stores in the "rowtile" format compute each decode token's experts of a layer in one kernel call
+(kernels_layer.moe_layer_decode); it must agree with transformers on our dequantized weights up to
+its int8 activations, and the plain reference path must agree exactly."""
+import pytest
+import torch
+
+import moe_offload
+from families import NAMED, dequantized_reference
+from moe_offload import kernels, kernels_layer
+from moe_offload.store import Store
+from moe_offload.synthetic import build_random_moe, tiny_moe_config
+
+STEPS = 8
+
+
+@pytest.mark.parametrize("family,overrides", [("mixtral", {"hidden_size": 64, "intermediate_size": 96}),
+                                              ("qwen3_moe", {"hidden_size": 96, "moe_intermediate_size": 64,
+                                                             "num_experts_per_tok": 8, "num_experts": 12})])
+def test_one_call_per_layer_matches_transformers(family, overrides, tmp_path, monkeypatch):
+    config = tiny_moe_config(family, **{**NAMED[family], **overrides})
+    src = build_random_moe(tmp_path / "src", config, seed=2, tokenizer=False)
+    store = moe_offload.convert(src, tmp_path / "st", expert_bits=4, dense_bits=16, expert_format="rowtile",
+                                progress=False)
+    assert Store.open(store).layout.matrices["gate_up"]["fmt"] == "rowtile"
+    calls = []
+    real = kernels_layer.moe_layer_decode
+    monkeypatch.setattr(kernels_layer, "moe_layer_decode", lambda *a, **k: calls.append(len(a[1])) or real(*a, **k))
+    top_k = Store.open(store).top_k
+    model = moe_offload.load(store, experts_per_layer=top_k)  # the smallest cache: every slot pinned at once
+    try:
+        ref = dequantized_reference(src, store, model)
+        ids = torch.randint(3, config.vocab_size, (1, 6))
+        kwargs = dict(max_new_tokens=STEPS, do_sample=False, output_logits=True, return_dict_in_generate=True,
+                      pad_token_id=0, eos_token_id=None)
+        expected = ref.generate(ids, **kwargs)
+        with kernels.use_reference():
+            exact = model.generate(ids, **kwargs)
+        assert not calls  # the reference path computes expert by expert
+        assert torch.equal(exact.sequences, expected.sequences)
+        assert max((a - b).abs().max().item() for a, b in zip(exact.logits, expected.logits)) <= 1e-4
+        fast = model.generate(expected.sequences[:, :ids.shape[1]], **kwargs)
+        n_moe = len(Store.open(store).moe_layers)
+        assert len(calls) == (STEPS - 1) * n_moe and set(calls) == {top_k}  # one call per layer and token
+        # int8 activations: ~1% per layer; a near-tie in a router may flip one token's expert.
+        scale = max(b.abs().max().item() for b in expected.logits)
+        diffs = torch.tensor([(a - b).abs().max().item() for a, b in zip(fast.logits, expected.logits)])
+        assert diffs.median() <= 3e-2 * scale, diffs
+    finally:
+        model.close()
+
+
+def test_rowtile_is_refused_where_it_cannot_store(tmp_path, tiny_src):
+    with pytest.raises(moe_offload.MoeOffloadError, match="rowtile"):
+        moe_offload.convert(tiny_src, tmp_path / "x", expert_bits=16, expert_format="rowtile", progress=False)
+    with pytest.raises(moe_offload.MoeOffloadError, match="expert_format"):
+        moe_offload.convert(tiny_src, tmp_path / "x", expert_format="mxfp4", progress=False)
+    assert not (tmp_path / "x").exists()
