@@ -2,9 +2,9 @@
 against transformers running our dequantized weights."""
 import pytest
 import torch
-from transformers import MixtralForCausalLM
 
 import moe_offload
+from families import dequantized_reference
 from moe_offload import kernels, quant
 from moe_offload.store import Store
 
@@ -87,27 +87,6 @@ def test_hqq_error_no_worse_than_hqq_library(bits, group):
     assert err_ours <= err_theirs, (err_ours, err_theirs)
 
 
-def _dequantized_reference(src, store_path, model):
-    """transformers' Mixtral with every weight replaced by what our store holds, dequantized."""
-    ref = MixtralForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
-    store = Store.open(store_path)
-    with torch.no_grad():
-        for name, module in model.named_modules():
-            if type(module).__name__ == "QuantLinear":
-                ref.get_submodule(name).weight.copy_(quant.dequantize(module.qmatrix()))
-        with open(store.path / "experts.bin", "rb") as f:
-            for layer in store.moe_layers:
-                experts = ref.model.layers[layer].mlp.experts
-                for e in range(store.num_experts):
-                    b = store.blob(layer, e)
-                    f.seek(b["offset"])
-                    blob = torch.frombuffer(bytearray(f.read(b["size"])), dtype=torch.uint8)
-                    views = store.layout.views(blob)
-                    experts.gate_up_proj[e].copy_(quant.dequantize(views["gate_up"]))
-                    experts.down_proj[e].copy_(quant.dequantize(views["down"]))
-    return ref
-
-
 @pytest.mark.parametrize("expert_bits,dense_bits", [(4, 4), (3, 8), (2, 4), (8, 16), (8, 8)])
 def test_quantized_model_matches_transformers_on_dequantized_weights(tiny_src, tmp_path, expert_bits, dense_bits):
     store = moe_offload.convert(tiny_src, tmp_path / "s", expert_bits=expert_bits, dense_bits=dense_bits,
@@ -117,7 +96,7 @@ def test_quantized_model_matches_transformers_on_dequantized_weights(tiny_src, t
         # torch's AVX-512 int8 kernel crashes on weights that are not 64-byte aligned
         assert all(b.data_ptr() % 64 == 0 for m in model.modules() if type(m).__name__ == "QuantLinear"
                    for b in m.buffers())
-        ref = _dequantized_reference(tiny_src, store, model)
+        ref = dequantized_reference(tiny_src, store, model)
         ids = torch.randint(0, 1000, (1, 9))
         with torch.no_grad():
             expected = ref(ids).logits
