@@ -6,7 +6,6 @@ import torch
 import moe_offload
 from families import dequantized_reference
 from moe_offload import kernels, quant
-from moe_offload.store import Store
 
 # (N, K, bits, group): every format, edge sizes, N not a multiple of 16, K not a multiple of the group.
 SHAPES = [(64, 128, 4, 64), (48, 96, 3, 64), (32, 64, 2, 16), (128, 256, 2, 32), (1003, 96, 4, 64),

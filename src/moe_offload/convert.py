@@ -32,7 +32,7 @@ from .archs import MoeSpec, build_meta_model, describe
 from .checkpoint import CheckpointMap
 from .config import QuantConfig
 from .errors import MoeOffloadError
-from .quant import QMatrix, int4pack_layout_id, quantize
+from .quant import int4pack_layout_id, quantize
 from .sources import open_sources
 from .store import DENSE_FILE, EXPERTS_FILE, FORMAT, FORMAT_VERSION, MANIFEST, BlobLayout, crc32_file
 
