@@ -297,3 +297,29 @@ def test_threads_read_the_same_tensors(mxfp4_src):
     with ThreadPoolExecutor(4) as pool:
         parallel = list(pool.map(src.get, keys))
     assert all(torch.equal(a, b) for a, b in zip(serial, parallel))
+
+
+@pytest.mark.parametrize("fixture,config_class", [("fp8_aligned", "FineGrainedFP8Config"), ("mxfp4_src", "Mxfp4Config")])
+def test_convert_reads_the_source_format_end_to_end(fixture, config_class, request, tmp_path):
+    """convert streams FP8 / MXFP4 checkpoints into a store whose model equals transformers' own model
+    on its own dequantization (the experts of a 16-bit store compute in the source's bf16, hence the
+    tolerance; a wrong layout or scale would be off by the logits' own size)."""
+    import transformers
+
+    import moe_offload
+
+    src = request.getfixturevalue(fixture)
+    oracle = transformers.AutoModelForCausalLM.from_pretrained(
+        src, quantization_config=getattr(transformers, config_class)(dequantize=True)).float().eval()
+    store = moe_offload.convert(src, tmp_path / "store", expert_bits=16, dense_bits=16, progress=False)
+    assert json.loads((store / "manifest.json").read_text())["source"]["format"] == fixture.split("_")[0]
+    assert "quantization_config" not in json.loads((store / "config.json").read_text())
+    model = moe_offload.load(store, experts_per_layer=2)
+    try:
+        ids = torch.randint(0, 256, (1, 9))
+        with torch.no_grad():
+            expected, got = oracle(ids).logits, model(ids).logits
+        assert expected.abs().max() > 0.1
+        assert (got - expected).abs().max() <= 2e-2 * expected.abs().max(), (got - expected).abs().max()
+    finally:
+        model.close()
