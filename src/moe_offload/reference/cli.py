@@ -9,6 +9,14 @@ def cmd_reference(args) -> None:
     from .model import default_dir
     from .train import train
 
+    if args.write_held_out:
+        from . import corpus
+
+        _, held = corpus.load_split()
+        with open(args.write_held_out, "w", encoding="utf-8") as f:
+            f.write("\n".join(held) + "\n")
+        print(f"{len(held)} held-out chapters written to {args.write_held_out}", file=sys.stderr)
+        return
     out = args.out or default_dir()
     report = train(out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                    threads=args.threads, progress=not args.quiet)
@@ -28,4 +36,5 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice; 1 is faster on a busy machine)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--write-held-out", metavar="FILE", help="only write the held-out chapters (one per line) to FILE")
     p.set_defaults(func=cmd_reference)
