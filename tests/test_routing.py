@@ -158,3 +158,37 @@ def test_trace_and_simulate_cli(store8, tmp_path):
     assert len(rows) == 8 and all(0 <= row["hit_rate"] <= 1 for row in rows)
     r = run_cli("simulate", out, "--policy", "mru")
     assert r.returncode == 2 and "unknown policy" in r.stderr
+
+
+def test_recorded_guesses_match_the_live_prefetcher(store8):
+    """The rankings in a trace are what the prefetcher computes: its live guesses for layer i+1
+    are the top-K of spec_rank[t, i, 0], and its first-layer guess made at step s is the next
+    step's first_rank (guesses of its own and the prefetcher's must not overwrite the record)."""
+    from transformers import AutoTokenizer
+
+    from moe_offload.engine import SamplingParams, generate_text
+    from moe_offload.routing.recorder import TraceRecorder
+
+    model = moe_offload.load(store8, experts_per_layer=4, prefetch=2)
+    tokenizer = AutoTokenizer.from_pretrained(store8)
+    recorder = TraceRecorder(model, depth=2)
+    try:
+        generate_text(model, tokenizer, tokenizer("a").input_ids, SamplingParams(max_new_tokens=20, temperature=1.0, seed=0))
+    finally:
+        recorder.close()
+        model.close()
+    trace = recorder.trace({})
+    token_of_step = {int(s): t for t, s in enumerate(trace.step)}
+    checked = 0
+    for step, target, _read, count, *experts in trace.live_guess.tolist():
+        t = token_of_step[step]
+        if not trace.decode[t]:
+            continue
+        if target == 0:
+            if step + 1 in token_of_step:  # made from this step's logits for the next step
+                assert set(experts[:count]) == set(trace.first_rank[token_of_step[step + 1], :2].tolist())
+                checked += 1
+        else:
+            assert set(experts[:count]) == set(trace.spec_rank[t, target - 1, 0, :2].tolist())
+            checked += 1
+    assert checked > 10

@@ -9,13 +9,15 @@ def cmd_reference(args) -> None:
     from .model import default_dir
     from .train import train
 
-    if args.write_held_out:
+    if args.write_held_out or args.write_prompts:
         from . import corpus
 
         _, held = corpus.load_split()
-        with open(args.write_held_out, "w", encoding="utf-8") as f:
-            f.write("\n".join(held) + "\n")
-        print(f"{len(held)} held-out chapters written to {args.write_held_out}", file=sys.stderr)
+        for path, lines in ((args.write_held_out, held), (args.write_prompts, corpus.prompts(held))):
+            if path:
+                with open(path, "w", encoding="utf-8") as f:
+                    f.write("\n".join(lines) + "\n")
+                print(f"{len(lines)} lines written to {path}", file=sys.stderr)
         return
     out = args.out or default_dir()
     report = train(out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
@@ -37,4 +39,6 @@ def add_parser(sub) -> None:
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice; 1 is faster on a busy machine)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--write-held-out", metavar="FILE", help="only write the held-out chapters (one per line) to FILE")
+    p.add_argument("--write-prompts", metavar="FILE", help="only write the first 8 words of each held-out chapter "
+                   "(prompts for `moe-offload trace`) to FILE")
     p.set_defaults(func=cmd_reference)

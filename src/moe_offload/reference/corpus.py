@@ -58,3 +58,8 @@ def split(docs: list[str]) -> tuple[list[str], list[str]]:
 
 def load_split() -> tuple[list[str], list[str]]:
     return split(chapters(raw_text()))
+
+
+def prompts(docs: list[str], words: int = 8) -> list[str]:
+    """The opening words of each document: prompts for traces that the model never trained on."""
+    return [" ".join(d.split()[:words]) for d in docs]

@@ -5,6 +5,8 @@ router call, so the router hook records only the block's own routing (the prefet
 layers' routers from inside a block, and those calls are guesses, not routing); the norm before
 each MoE block sees the hidden state the prefetcher guesses from, and every later layer's router
 ranks all its experts on it; lm_head's logits give the first layer's guess for the next step.
+The norms are also called by guesses (the prefetcher's and ours) on other hidden states; only the
+forward pass's own calls count: one per MoE layer, in order, outside any MoE block.
 """
 from __future__ import annotations
 
@@ -34,6 +36,8 @@ class TraceRecorder:
         self.live: list[list[int]] = []
         self.prompt = 0
         self._inside: int | None = None  # the MoE layer whose block is running
+        self._expect = 0  # the MoE layer whose norm runs next in this step's forward
+        self._busy = False  # inside one of our own router calls
         self._next_first: torch.Tensor | None = None  # layer 0's ranking for the next step
         self._handles = []
         self._install(blocks, arch)
@@ -56,6 +60,7 @@ class TraceRecorder:
     def _on_step(self, module, args, kwargs) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)
         T = ids.shape[-1]
+        self._expect = 0
         first = np.full((T, self.E), -1, np.int8)
         decode = T == 1 and bool(self.rows) and self.rows[-1]["prompt"] == self.prompt
         if decode and self._next_first is not None:
@@ -76,22 +81,32 @@ class TraceRecorder:
 
     @torch.no_grad()
     def _on_residual(self, pos: int, residual: torch.Tensor) -> None:
+        if self._busy or self._inside is not None or pos != self._expect or not self.rows:
+            return  # a guess on some other hidden state, not the forward pass's own call
+        self._expect += 1
         h = residual.reshape(-1, residual.shape[-1])
         row = self.rows[-1]
-        for d in range(1, self.depth + 1):
-            if pos + d >= len(self.layers):
-                break
-            target = self.layers[pos + d]
-            logits = self.routers[target](self.norms[target](h))
-            logits = logits[0] if isinstance(logits, tuple) else logits
-            row["spec"][:, pos, d - 1] = logits.float().argsort(-1, descending=True).numpy()
+        self._busy = True
+        try:
+            for d in range(1, self.depth + 1):
+                if pos + d >= len(self.layers):
+                    break
+                target = self.layers[pos + d]
+                logits = self.routers[target](self.norms[target](h))
+                logits = logits[0] if isinstance(logits, tuple) else logits
+                row["spec"][:, pos, d - 1] = logits.float().argsort(-1, descending=True).numpy()
+        finally:
+            self._busy = False
 
     @torch.no_grad()
     def _on_logits(self, module, args, logits) -> None:
         token = logits[:, -1].argmax(-1)
         first = self.layers[0]
-        x = self.norms[first](self.embed(token))
-        out = self.routers[first](x)
+        self._busy = True
+        try:
+            out = self.routers[first](self.norms[first](self.embed(token)))
+        finally:
+            self._busy = False
         out = out[0] if isinstance(out, tuple) else out
         self._next_first = out.float().argsort(-1, descending=True)[0]
 
