@@ -116,13 +116,14 @@ def store8(tmp_path_factory):
     return moe_offload.convert(src, tmp_path_factory.mktemp("st") / "s8", expert_bits=16, dense_bits=16, progress=False)
 
 
-def test_live_lru_cache_and_simulator_agree_exactly(store8):
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+def test_live_cache_and_simulator_agree_exactly(store8, policy):
     from transformers import AutoTokenizer
 
     from moe_offload.engine import SamplingParams, generate_text
     from moe_offload.routing.recorder import TraceRecorder
 
-    model = moe_offload.load(store8, experts_per_layer=3, prefetch=0)
+    model = moe_offload.load(store8, experts_per_layer=3, prefetch=0, policy=policy)
     tokenizer = AutoTokenizer.from_pretrained(store8)
     recorder = TraceRecorder(model)
     try:
@@ -136,9 +137,11 @@ def test_live_lru_cache_and_simulator_agree_exactly(store8):
         recorder.close()
         model.close()
     trace = recorder.trace({})
-    result = simulate(Steps(trace), Setting("lru", 3), record_evictions=True)
+    result = simulate(Steps(trace), Setting(policy, 3), record_evictions=True)
     assert result.evictions == evicted and len(evicted) > 20
     assert (result.hits, result.misses) == (sum(stats.hits), sum(stats.misses))
+    if policy != "lru":  # the trace tells the policies apart, so agreeing means something
+        assert simulate(Steps(trace), Setting("lru", 3), record_evictions=True).evictions != evicted
 
 
 def test_trace_and_simulate_cli(store8, tmp_path):

@@ -12,7 +12,7 @@ DENSE_BITS = (4, 8, 16)
 # one scale per output channel (group 0), the layout torch's fused int8 GEMV reads; an explicit
 # group size keeps 8-bit per-group.
 DEFAULT_GROUP = {2: 16, 3: 64, 4: 64, 8: 0}
-POLICIES = ("lru",)
+POLICIES = ("lru", "lfu")  # eviction: least recently / least frequently used (README, "Cache policies")
 SCOPES = ("layer", "global")
 
 
