@@ -32,7 +32,7 @@ def add_parser(sub) -> None:
                        "the King James Bible from the Debian package bible-kjv-text, every 20th chapter held out. "
                        "Seeded and resumable: OUT/train_state.pt is saved every 50 steps and picked up again.")
     p.add_argument("--out", help="where to write the model (default: the package's data/reference)")
-    p.add_argument("--steps", type=int, default=1200)
+    p.add_argument("--steps", type=int, default=700)
     p.add_argument("--batch-size", type=int, default=24)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)

@@ -21,6 +21,15 @@ from .model import CONFIG, SEQ_LEN, build_tokenizer, new_model
 SAVE_EVERY = 50
 
 
+def balance_loss(router_logits, num_experts: int, top_k: int) -> torch.Tensor:
+    """Switch-Transformer load balancing, per layer, averaged. transformers' Mixtral loss pools all
+    layers' logits before measuring balance, so it tolerates dead experts in one layer as long as
+    the pool is balanced (a first run trained with it left 5 of 32 experts unused)."""
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    return sum(load_balancing_loss_func((logits,), num_experts, top_k) for logits in router_logits) / len(router_logits)
+
+
 def encode(tokenizer, docs: list[str]) -> torch.Tensor:
     """One token stream: each chapter followed by the end-of-sequence token."""
     ids: list[int] = []
@@ -63,7 +72,7 @@ def evaluate(model, stream: torch.Tensor, max_windows: int = 200) -> dict:
             "expert_usage": [[round(u, 4) for u in row] for row in usage]}
 
 
-def train(out: str | Path, *, steps: int = 1200, batch_size: int = 24, lr: float = 3e-3, seed: int = 0,
+def train(out: str | Path, *, steps: int = 700, batch_size: int = 24, lr: float = 3e-3, seed: int = 0,
           threads: int | None = None, progress: bool = True) -> dict:
     from tqdm.auto import tqdm
 
@@ -83,6 +92,8 @@ def train(out: str | Path, *, steps: int = 1200, batch_size: int = 24, lr: float
 
     model = new_model(seed)
     model.generation_config.pad_token_id = CONFIG["eos_token_id"]
+    model.router_aux_loss_coef = 0.0  # the loss below replaces transformers' pooled one
+    coef, E, k = CONFIG["router_aux_loss_coef"], CONFIG["num_local_experts"], CONFIG["num_experts_per_tok"]
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
     state_file, log, step, seconds = out / "train_state.pt", [], 0, 0.0
     if state_file.is_file():
@@ -100,14 +111,16 @@ def train(out: str | Path, *, steps: int = 1200, batch_size: int = 24, lr: float
         x = batch(train_stream, batch_size, seed, step)
         # transformers shifts the labels by one itself: labels are the inputs
         result = model(input_ids=x, labels=x, output_router_logits=True)
+        aux = balance_loss(result.router_logits, E, k)
+        loss = result.loss + coef * aux
         opt.zero_grad(set_to_none=True)
-        result.loss.backward()
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         step += 1
-        log.append([step, round(result.loss.item(), 4), round(result.aux_loss.item(), 4)])
+        log.append([step, round(result.loss.item(), 4), round(aux.item(), 4)])
         bar.update(1)
-        bar.set_postfix(loss=f"{result.loss.item():.3f}", aux=f"{result.aux_loss.item():.3f}")
+        bar.set_postfix(loss=f"{result.loss.item():.3f}", balance=f"{aux.item():.3f}")
         if step % SAVE_EVERY == 0 or step == steps:
             seconds = time.perf_counter() - started
             torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "log": log,
