@@ -36,7 +36,7 @@ def grid(policies, slots, scopes, prefetch, lookahead, window) -> list[Setting]:
 
 
 HEAD = f"{'scope':<7}{'slots':>6} {'policy':<7}{'pf':>3}{'la':>3}{'hit rate':>10}{'loads':>8}{'MiB read':>10}" \
-       f"{'pf useful':>10}{'precision':>10}{'recall':>8}"
+       f"{'pf useful':>12}{'precision':>10}{'recall':>8}"
 
 
 def format_row(r: Result) -> str:
@@ -46,7 +46,7 @@ def format_row(r: Result) -> str:
     rec = f"{r.recall:.3f}" if s.prefetch else "-"
     return (f"{s.scope:<7}{s.slots:>6} {s.policy:<7}{s.prefetch:>3}{s.lookahead if s.prefetch else '-':>3}"
             f"{r.hit_rate:>10.3f}{r.demand_loads + r.prefetch_loads:>8}{r.bytes_read / 2**20:>10.1f}"
-            f"{pf:>10}{prec:>10}{rec:>8}")
+            f"{pf:>12}{prec:>10}{rec:>8}")
 
 
 __all__ = ["POLICIES", "parse_ints", "parse_names", "grid", "HEAD", "format_row"]
