@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test clean
+.PHONY: install demo test reference clean
 
 install: $(STAMP)
 
@@ -18,6 +18,11 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/moe-offload demo
+
+# Retrain the shipped reference MoE (needs the Debian packages bible-kjv-text and bible-kjv);
+# resumable: an interrupted run continues from its last saved step.
+reference: $(STAMP)
+	$(BIN)/moe-offload reference
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -1,7 +1,10 @@
-"""The expert cache: preallocated slots, residency, LRU eviction, pinning, coalesced loads.
+"""The expert cache: preallocated slots, residency, LRU or LFU eviction, pinning, coalesced loads.
 
 Slots are carved from one page-aligned buffer sized by the budget. Each pool (one per MoE layer,
-or one global pool) keeps its resident experts in LRU order. An expert being computed is pinned
+or one global pool) keeps its resident experts in LRU order. The victim is the least recently
+used evictable expert, or with policy "lfu" the least often requested one since loading began
+(counts survive eviction; ties go to the least recently used): on a trained model's routing some
+experts stay popular for long stretches, which recency alone forgets (README, "Cache policies"). An expert being computed is pinned
 and cannot be evicted; an expert still loading cannot be evicted either; a second request for an
 expert already loading waits on the same read instead of starting another.
 """
@@ -48,8 +51,10 @@ class Pool:
 
 class ExpertCache:
     def __init__(self, layers: list[int], slots_per_pool: int, blob_size: int, loader,
-                 stats: OffloadStats, scope: str = "layer", make_views: Callable | None = None):
-        self.loader, self.stats, self.scope = loader, stats, scope
+                 stats: OffloadStats, scope: str = "layer", make_views: Callable | None = None,
+                 policy: str = "lru"):
+        self.loader, self.stats, self.scope, self.policy = loader, stats, scope, policy
+        self.uses: dict[Key, int] = {}  # requests per expert since the cache was made (policy "lfu")
         pool_keys = layers if scope == "layer" else [None]
         total = slots_per_pool * len(pool_keys)
         self.buffer = aligned_buffer(total * blob_size)  # the whole budget, allocated once
@@ -73,8 +78,9 @@ class ExpertCache:
         is busy."""
         if pool.free:
             return pool.free.pop()
+        victim = self._lfu_victim(pool, keep) if self.policy == "lfu" else None
         for key, slot in pool.lru.items():
-            if slot.evictable() and key not in keep:
+            if slot.evictable() and key not in keep and (victim is None or key == victim):
                 del pool.lru[key]
                 del self.residency[key]
                 self.evicted.append(key)
@@ -84,6 +90,16 @@ class ExpertCache:
                 slot.key = slot.future = None
                 return slot
         return None
+
+    def _lfu_victim(self, pool: Pool, keep: set[Key]) -> Key | None:
+        """The least requested evictable expert, the least recently used of equals; None if none."""
+        best, fewest = None, None
+        for key, slot in pool.lru.items():  # oldest first: a strict < keeps the oldest of equals
+            if slot.evictable() and key not in keep:
+                uses = self.uses.get(key, 0)
+                if fewest is None or uses < fewest:
+                    best, fewest = key, uses
+        return best
 
     def _load(self, pool: Pool, slot: Slot, key: Key, speculative: bool = False) -> None:
         slot.key, slot.speculative = key, speculative
@@ -142,6 +158,8 @@ class ExpertCache:
         with self.lock:
             pending = sorted((int(e) for e in experts), key=lambda e: (layer, e) not in self.residency)
             pool.last_step[layer] = {(layer, e) for e in pending}
+            for e in pending:
+                self.uses[(layer, e)] = self.uses.get((layer, e), 0) + 1
         active: list[tuple[int, Slot]] = []
         try:
             while pending or active:

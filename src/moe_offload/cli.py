@@ -103,9 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.set_defaults(func=cmd_demo)
 
-    from . import bench, chat, server  # their own modules: each adds its subcommand
+    from . import bench, chat, evaluate, plan, reference, routing, server  # their own modules: each adds its subcommand
 
-    for mod in (server, chat, bench):
+    for mod in (server, chat, bench, reference, routing, evaluate, plan):
         mod.add_parser(sub)
     return parser
 

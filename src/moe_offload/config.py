@@ -13,7 +13,7 @@ DENSE_BITS = (4, 8, 16)
 # group size keeps 8-bit per-group.
 DEFAULT_GROUP = {2: 16, 3: 64, 4: 64, 8: 0}
 EXPERT_FORMATS = ("auto", "rowtile")
-POLICIES = ("lru",)
+POLICIES = ("lru", "lfu")  # eviction: least recently / least frequently used (README, "Cache policies")
 SCOPES = ("layer", "global")
 
 

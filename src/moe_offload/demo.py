@@ -1,5 +1,6 @@
-"""`make demo`: a random Mixtral of a few hundred MB, converted with 4-bit experts, run with a
-quarter of its experts cached next to a run with all of them resident."""
+"""`make demo`: the trained reference MoE (shipped in the package) converted with 4-bit experts, run
+with half of its experts cached next to a run with all of them resident. Without the reference
+checkpoint it falls back to a random Mixtral of a few hundred MB with a quarter of its experts cached."""
 from __future__ import annotations
 
 import sys
@@ -9,6 +10,7 @@ from pathlib import Path
 from .config import format_size
 
 PROMPT = "Write the recipe for a chicken curry with coconut milk."
+REFERENCE_PROMPT = "And it came to pass, when the king heard"
 ROWS = [("decode tok/s", "decode_tokens_per_s", "{:.2f}"), ("prefill tok/s", "prefill_tokens_per_s", "{:.1f}"),
         ("hit rate", "hit_rate", "{:.3f}"), ("prefetch precision", "prefetch_precision", "{:.3f}"),
         ("prefetch recall", "prefetch_recall", "{:.3f}"), ("stall s", "stall_seconds", "{:.3f}"),
@@ -19,11 +21,18 @@ def run_demo(workdir: str | Path = ".demo", max_new_tokens: int = 48) -> dict:
     from . import convert
     from .generate import generate_once
     from .store import Store
+    from .reference import available, default_dir
     from .synthetic import build_random_mixtral
 
     workdir = Path(workdir)
-    src, store = workdir / "mixtral-small-random", workdir / "store-4bit"
-    if not (src / "config.json").is_file():
+    trained = available()
+    if trained:
+        src, store = default_dir(), workdir / "store-reference-4bit"
+        prompt, chat = REFERENCE_PROMPT, False  # trained on plain text, not on a chat format
+    else:
+        src, store = workdir / "mixtral-small-random", workdir / "store-4bit"
+        prompt, chat = PROMPT, True
+    if not trained and not (src / "config.json").is_file():
         print(f"building a random Mixtral-architecture model (shape 'small') in {src} ...", file=sys.stderr)
         build_random_mixtral(src, "small", seed=0)
     if not (store / "manifest.json").is_file():
@@ -33,12 +42,19 @@ def run_demo(workdir: str | Path = ".demo", max_new_tokens: int = 48) -> dict:
     st = Store.open(store)
     experts = st.num_experts
     runs = {}
-    for name, kwargs in (("offloaded (1/4 of experts cached)", {}),
+    offloaded = (("offloaded (1/2 of experts cached)", {"experts_per_layer": experts // 2}) if trained
+                 else ("offloaded (1/4 of experts cached)", {}))
+    for name, kwargs in (offloaded,
                          ("all experts resident", {"experts_per_layer": experts, "prefetch": 0})):
         print(f"\n=== {name} ===", file=sys.stderr)
-        runs[name] = generate_once(store, PROMPT, chat=True, max_new_tokens=max_new_tokens, **kwargs)
+        if not chat:
+            print(prompt, end="", file=sys.stdout)
+        runs[name] = generate_once(store, prompt, chat=chat, max_new_tokens=max_new_tokens, **kwargs)
         print(file=sys.stderr)
-    print("\n(the weights are random, so the text is gibberish; the numbers are what matter)\n")
+    if trained:
+        print(f"\n(the reference MoE, trained on the King James Bible: {src})\n")
+    else:
+        print("\n(the weights are random, so the text is gibberish; the numbers are what matter)\n")
     names = list(runs)
     width = max(len(r[0]) for r in ROWS) + 2
     print(" " * width + "".join(f"{n:>36}" for n in names))

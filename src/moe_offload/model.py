@@ -135,7 +135,8 @@ def load(store: str | os.PathLike, *, device: str = "cpu", expert_cache: int | s
 
     stats = OffloadStats(st.moe_layers)
     loader = make_loader(st, stats, device)
-    cache = ExpertCache(st.moe_layers, per_pool, st.blob_size, loader, stats, cfg.cache_scope, st.layout.views)
+    cache = ExpertCache(st.moe_layers, per_pool, st.blob_size, loader, stats, cfg.cache_scope, st.layout.views,
+                         cfg.policy)
     prefetcher = _prefetcher(model, spec, cache, stats, cfg) if cfg.prefetch else None
     runtime = OffloadRuntime(st, cache, loader, prefetcher, stats)
     for layer in spec.layers:
@@ -160,7 +161,7 @@ def _prefetcher(model, spec: MoeSpec, cache, stats, cfg) -> Prefetcher | None:
     unknown run without speculation."""
     if any(layer.norm is None or layer.router_args is None for layer in spec.layers):
         return None
-    routers = {layer.index: _router_call(model, layer) for layer in spec.layers}
+    routers = {layer.index: router_call(model, layer) for layer in spec.layers}
     norms = {layer.index: model.get_submodule(layer.norm) for layer in spec.layers}
     # The embedding stands in for the first MoE layer's input only when no dense layer precedes it.
     embed = model.get_input_embeddings() if spec.moe_layers[0] == 0 else None
@@ -190,7 +191,7 @@ class _RouterCall:
         return tuple(t.reshape(-1, t.shape[-1]) for t in out) if isinstance(out, tuple) else out.reshape(-1, out.shape[-1])
 
 
-def _router_call(model, layer) -> _RouterCall:
+def router_call(model, layer) -> _RouterCall:
     return _RouterCall(model.get_submodule(layer.router), model.get_submodule(layer.router.rpartition(".")[0]),
                        layer.router_args)
 

@@ -16,8 +16,11 @@ def add_budget_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lookahead", type=int, default=1, help="layers ahead to guess (default 1)")
     p.add_argument("--cache-scope", choices=["layer", "global"], default="layer",
                    help="one LRU pool per layer (the paper) or one global pool (default layer)")
+    p.add_argument("--policy", choices=["lru", "lfu"], default="lru",
+                   help="eviction: least recently or least frequently used (default lru)")
 
 
 def load_kwargs(args) -> dict:
     return dict(expert_cache=args.expert_cache, experts_per_layer=args.experts_per_layer,
-                prefetch=args.prefetch, lookahead=args.lookahead, cache_scope=args.cache_scope)
+                prefetch=args.prefetch, lookahead=args.lookahead, cache_scope=args.cache_scope,
+                policy=getattr(args, "policy", "lru"))

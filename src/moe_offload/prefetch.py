@@ -55,6 +55,7 @@ class Prefetcher:
         self.shadow: dict[int, set[int]] = {}  # guesses made without reading: scored, not counted
         self.reads_gate, self.first_gate = PayoffGate(), PayoffGate()
         self.first_guessed = self.first_correct = 0  # the first layer's guesses and the right ones
+        self.listeners: list = []  # called with (target_layer, experts, read) for every guess: traces record them
 
     @torch.no_grad()
     def guess(self, layer: int, residual: torch.Tensor) -> None:
@@ -86,6 +87,8 @@ class Prefetcher:
         top = self._ranked(self.routers[target](self.norms[target](h))).reshape(-1)
         # Most probable first, so a nearly full pool takes the best guesses.
         experts = torch.unique(top, sorted=False).tolist() if h.shape[0] > 1 else top.tolist()
+        for listener in self.listeners:
+            listener(target, experts, read)
         if read:
             self.pending.setdefault(target, set()).update(experts)
             self.cache.prefetch(target, experts)

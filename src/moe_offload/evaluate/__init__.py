@@ -1,0 +1,10 @@
+"""Quality: perplexity of stores, and the fidelity table across bit widths and quantizers.
+
+  perplexity.py  windows of a text, perplexity of a model or a store
+  fidelity.py    stores at several bit widths; our HQQ against round-to-nearest
+  cli.py         `moe-offload eval`
+"""
+from .cli import add_parser
+from .perplexity import perplexity, store_perplexity
+
+__all__ = ["add_parser", "perplexity", "store_perplexity"]
