@@ -139,9 +139,11 @@ def forget_after_use(cache) -> None:
     use of any expert reads it from disk again. With prefetch off nothing else is loading."""
     stream = cache.stream
 
-    def stream_then_forget(layer, experts):
-        yield from stream(layer, experts)
-        cache.forget(layer)
+    def stream_then_forget(layer, experts, **kwargs):
+        try:
+            yield from stream(layer, experts, **kwargs)
+        finally:  # also when a one-call layer closes the stream early
+            cache.forget(layer)
 
     cache.stream = stream_then_forget
 
