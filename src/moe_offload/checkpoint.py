@@ -123,10 +123,10 @@ class CheckpointMap:
         """One expert's slice of a fused expert parameter, in transformers' in-memory layout."""
         source = self.experts[(layer, param)]
         if source.stacked_key is not None:
-            collected = {None: sources.get_slice(source.stacked_key, expert).unsqueeze(0)}
+            one = sources.get_slice(source.stacked_key, expert)
             if source.converter is None:
-                return collected[None][0]
-            collected = {source.converter.source_patterns[0]: collected[None]}
+                return one
+            collected = {source.converter.source_patterns[0]: one.unsqueeze(0)}  # a stack of one expert
         else:
             parts = source.parts[expert]
             collected = {p: [sources.get(parts[p])] for p in source.converter.source_patterns}

@@ -224,7 +224,7 @@ def linear_reference(x: torch.Tensor, m: QMatrix, quantize: bool = True) -> torc
 
 # ---------------------------------------------------------------- one MoE layer
 
-def _is_silu(act) -> bool:
+def is_silu(act) -> bool:
     return act == "silu" or act is F.silu or isinstance(act, torch.nn.SiLU) or type(act).__name__ in (
         "SiLU", "SiLUActivation")
 
@@ -292,7 +292,7 @@ def moe_layer_decode(x: torch.Tensor, experts, weights, act="silu", variant_: st
     after another (correct, not tuned). Returns fp32 of x's shape. `act` must be SiLU (SwiGLU
     experts); other activations go through moe_layer_reference. `variant_` and `threads` override
     the dispatch (variant()) and the thread count (torch's) for tests and benchmarks."""
-    if not _is_silu(act):
+    if not is_silu(act):
         raise MoeOffloadError(f"moe_layer_decode computes SwiGLU experts (SiLU), not {act!r}")
     tag = _tag(variant_ or variant())
     xf = x.float().contiguous().numpy()

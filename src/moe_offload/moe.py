@@ -9,9 +9,9 @@ clamped SwiGLU) and post-expert norm still apply, while the weights come from th
 from __future__ import annotations
 
 import torch
-from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, _default_apply_gate
 
-from . import kernels
+from . import kernels, kernels_layer
 
 IMPLEMENTATION = "moe_offload"
 
@@ -26,22 +26,17 @@ class LayerExperts:
         self.post_norm = module.post_expert_norm if module.has_post_expert_norm else None
         act = getattr(module, "act_fn", None)
         # The stock gating is SwiGLU on concatenated halves: let the kernel fuse it (same arithmetic).
-        from transformers.integrations.moe import _default_apply_gate
-
         self.fused_act = act if module.has_gate and type(module)._apply_gate is _default_apply_gate else None
         # "rowtile" SwiGLU experts without biases or post-norm: one kernel call per layer at decode.
         layout = runtime.store.layout.matrices
         self.layer_call = (layout["gate_up"]["fmt"] == "rowtile" and self.fused_act is not None
                            and self.post_norm is None and "gate_up_bias" not in layout
-                           and _is_silu(self.fused_act))
+                           and kernels_layer.is_silu(self.fused_act))
 
     def expert(self, x: torch.Tensor, w: dict) -> torch.Tensor:
-        if self.fused_act is not None:
-            y = kernels.expert_forward(x, w["gate_up"], w["down"], self.fused_act,
-                                       gate_up_bias=w.get("gate_up_bias"), down_bias=w.get("down_bias"))
-        else:
-            y = kernels.expert_forward(x, w["gate_up"], w["down"], gate=self.gate,
-                                       gate_up_bias=w.get("gate_up_bias"), down_bias=w.get("down_bias"))
+        y = kernels.expert_forward(x, w["gate_up"], w["down"], self.fused_act,
+                                   gate=None if self.fused_act is not None else self.gate,
+                                   gate_up_bias=w.get("gate_up_bias"), down_bias=w.get("down_bias"))
         return y if self.post_norm is None else self.post_norm(y)
 
     @torch.no_grad()
@@ -79,8 +74,6 @@ class LayerExperts:
 
     def _one_call(self, hidden_states: torch.Tensor, used: list[int], weight_of: dict) -> torch.Tensor:
         """Every expert of the token pinned at once, then computed and summed by one kernel call."""
-        from . import kernels_layer
-
         stream = self.runtime.cache.stream(self.layer, used, hold=True)
         try:
             got = [next(stream) for _ in used]
@@ -89,11 +82,6 @@ class LayerExperts:
         finally:
             stream.close()
         return y.to(hidden_states.dtype).unsqueeze(0)
-
-
-def _is_silu(act) -> bool:
-    return isinstance(act, torch.nn.SiLU) or type(act).__name__ in ("SiLU", "SiLUActivation") or (
-        act is torch.nn.functional.silu)
 
 
 def offloaded_experts_forward(self, hidden_states, top_k_index, top_k_weights):
