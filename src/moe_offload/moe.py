@@ -47,7 +47,6 @@ class LayerExperts:
         if rt.prefetcher is not None and residual is not None:
             rt.prefetcher.guess(self.layer, residual)  # reads start before this layer computes
         decode = hidden_states.shape[0] == 1
-        out = None if decode else torch.zeros_like(hidden_states)
         if decode:
             # One token: no gather/scatter. index_add_ costs ~30x a plain add at this size (measured).
             weight_of = {}
@@ -60,23 +59,30 @@ class LayerExperts:
             rt.prefetcher.score(self.layer, set(used))
         if decode and self.layer_call and used and not kernels.reference_mode():
             return self._one_call(hidden_states, used, weight_of)
+        # Outputs are summed in expert order, not in the order the cache delivers them: the float sum
+        # is then the same whatever the cache holds, and so are the tokens of every cache size.
+        outputs = {}
         for expert, weights in rt.cache.stream(self.layer, used):
             if decode:
-                y = self.expert(hidden_states, weights).mul_(weight_of[expert])
-                out = y if out is None else out.add_(y)
+                outputs[expert] = (None, self.expert(hidden_states, weights).mul_(weight_of[expert]))
                 continue
             token_idx, k_pos = torch.where(top_k_index == expert)
             y = self.expert(hidden_states[token_idx], weights)
-            y = y * top_k_weights[token_idx, k_pos, None]
-            out.index_add_(0, token_idx, y.to(out.dtype))
+            outputs[expert] = (token_idx, y * top_k_weights[token_idx, k_pos, None])
+        out = None if decode else torch.zeros_like(hidden_states)
+        for expert in sorted(outputs):
+            token_idx, y = outputs[expert]
+            if decode:
+                out = y if out is None else out.add_(y)
+            else:
+                out.index_add_(0, token_idx, y.to(out.dtype))
         return out if out is not None else torch.zeros_like(hidden_states)
-
 
     def _one_call(self, hidden_states: torch.Tensor, used: list[int], weight_of: dict) -> torch.Tensor:
         """Every expert of the token pinned at once, then computed and summed by one kernel call."""
         stream = self.runtime.cache.stream(self.layer, used, hold=True)
         try:
-            got = [next(stream) for _ in used]
+            got = sorted((next(stream) for _ in used), key=lambda pair: pair[0])  # summed in expert order
             y = kernels_layer.moe_layer_decode(hidden_states[0], [(w["gate_up"], w["down"]) for _, w in got],
                                                [weight_of[e] for e, _ in got])
         finally:
