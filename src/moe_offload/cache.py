@@ -169,7 +169,7 @@ class ExpertCache:
                         slot = self.residency.get(key)
                         if slot is not None:
                             pool.lru.move_to_end(key)
-                            self.stats.hits[self.stats.position[layer]] += 1
+                            self.stats.record_access(layer, hit=True)
                             if slot.speculative:
                                 slot.speculative = False
                                 self.stats.prefetch_useful += 1
@@ -178,7 +178,7 @@ class ExpertCache:
                             if slot is None:
                                 break  # every slot is pinned or loading: compute, then come back
                             self._load(pool, slot, key)
-                            self.stats.misses[self.stats.position[layer]] += 1
+                            self.stats.record_access(layer, hit=False)
                         slot.pins += 1
                         active.append((pending.pop(0), slot))
                 if not active:  # only other loads (prefetches) hold the pool: wait for one

@@ -20,7 +20,7 @@ _state = threading.local()
 @contextlib.contextmanager
 def use_reference(enabled: bool = True):
     """Run every quantized product through dequantize-then-fp32-matmul (slow, exact)."""
-    old = getattr(_state, "reference", False)
+    old = reference_mode()
     _state.reference = enabled
     try:
         yield
@@ -41,7 +41,7 @@ def linear(x: torch.Tensor, m: QMatrix) -> torch.Tensor:
     if m.fmt == "dense":
         w = m.tensors["weight"]
         return F.linear(x.to(w.dtype), w).to(x.dtype)
-    if getattr(_state, "reference", False):
+    if reference_mode():
         return linear_reference(x, m)
     if m.fmt == "int4pack":
         x2 = x.reshape(-1, m.k).to(torch.bfloat16).contiguous()
@@ -66,7 +66,7 @@ def expert_forward(x: torch.Tensor, gate_up: QMatrix, down: QMatrix, act=None, *
     SwiGLU on concatenated halves, act(gate) * up, with `act`."""
     gate = gate or (lambda y: _swiglu(y, act))
     if (gate_up.fmt == down.fmt == "int4pack" and x.dim() == 2 and gate_up_bias is None and down_bias is None
-            and not getattr(_state, "reference", False)):
+            and not reference_mode()):
         return _int4pack_expert(x, gate_up, down, gate)
     y = linear(x, gate_up)
     if gate_up_bias is not None:

@@ -22,11 +22,12 @@ class LayerExperts:
     def __init__(self, layer: int, module: torch.nn.Module, runtime):
         self.layer, self.runtime = layer, runtime
         self.num_experts = module.num_experts if hasattr(module, "num_experts") else runtime.store.num_experts
-        self.gate = module._apply_gate if module.has_gate else module.act_fn
         self.post_norm = module.post_expert_norm if module.has_post_expert_norm else None
         act = getattr(module, "act_fn", None)
-        # The stock gating is SwiGLU on concatenated halves: let the kernel fuse it (same arithmetic).
+        # The stock gating is SwiGLU on concatenated halves: let the kernel fuse it (same arithmetic);
+        # any other gating (or a plain activation for gate-less experts) is the family's own code.
         self.fused_act = act if module.has_gate and type(module)._apply_gate is _default_apply_gate else None
+        self.gate = None if self.fused_act is not None else (module._apply_gate if module.has_gate else act)
         # "rowtile" SwiGLU experts without biases or post-norm: one kernel call per layer at decode.
         layout = runtime.store.layout.matrices
         self.layer_call = (layout["gate_up"]["fmt"] == "rowtile" and self.fused_act is not None
@@ -35,7 +36,7 @@ class LayerExperts:
 
     def expert(self, x: torch.Tensor, w: dict) -> torch.Tensor:
         y = kernels.expert_forward(x, w["gate_up"], w["down"], self.fused_act,
-                                   gate=None if self.fused_act is not None else self.gate,
+                                   gate=self.gate,
                                    gate_up_bias=w.get("gate_up_bias"), down_bias=w.get("down_bias"))
         return y if self.post_norm is None else self.post_norm(y)
 
