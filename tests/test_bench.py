@@ -99,12 +99,31 @@ def test_roofline_counts_the_bytes_a_token_reads(tiny_run):
     assert conversion["met"] == (conversion["value"] <= 10)
 
 
+def test_plan_is_predicted_for_our_modes_before_they_run(tiny_run):
+    _, result, _ = tiny_run
+    modes = result["modes"]
+    for mode in ("resident", "offload", "lru-only", "no-cache"):
+        r = modes[mode]
+        plan = r["plan"]
+        assert r["plan_decode_tokens_per_s"] == plan["decode_tokens_per_s"] > 0, mode
+        assert r["measured_over_plan"] == pytest.approx(r["decode_tokens_per_s"] / plan["decode_tokens_per_s"], rel=1e-2)
+        # one compute term for every mode; reads follow the expected misses
+        assert plan["compute_seconds_per_token"] == modes["resident"]["plan"]["compute_seconds_per_token"]
+        store = Store.open(result["store"])
+        assert plan["expert_reads_per_token"] == pytest.approx(
+            (1 - plan["hit_rate"]) * store.top_k * len(store.moe_layers), rel=1e-3)
+    assert modes["resident"]["plan_hit_rate"] == 1.0 and modes["no-cache"]["plan_hit_rate"] == 0.0
+    assert modes["offload"]["plan"] == modes["lru-only"]["plan"]  # the plan models prefetch off
+    assert 0.0 < modes["lru-only"]["plan_hit_rate"] <= 1.0
+    assert "plan" not in modes["transformers"]
+
+
 def test_table_is_printed(tiny_run):
     proc, result, _ = tiny_run
     header = next(line for line in proc.stdout.splitlines() if line.startswith("|") and "resident" in line)
     assert all(mode in header for mode in MODES)
     for label in ("decode tok/s", "hit rate", "prefetch precision", "MiB read from disk", "% of roofline",
-                  "peak RSS MiB", "stall s"):
+                  "peak RSS MiB", "stall s", "plan decode tok/s", "measured / plan"):
         assert f"| {label}" in proc.stdout, label
     assert "roofline: RAM read" in proc.stdout and "targets (issue #4)" in proc.stdout
     assert "conversion at 4-bit experts" in proc.stdout and "min (goal <= 10 min)" in proc.stdout
@@ -113,8 +132,9 @@ def test_table_is_printed(tiny_run):
 def test_one_process_per_mode(tiny_run):
     """The default isolation: each mode in a fresh interpreter, results reported back as JSON lines."""
     _, result, _ = tiny_run
-    out = bench.run_bench(result["store"], None, ["no-cache"], prompts=1, max_new_tokens=2)
+    out = bench.run_bench(result["store"], None, ["no-cache"], prompts=1, max_new_tokens=2, forecast=False)
     assert out["settings"]["isolation"] == "one process per mode"
+    assert "plan" not in out["modes"]["no-cache"]
     r = out["modes"]["no-cache"]
     assert r["hit_rate"] == 0.0 and r["disk_bytes_read"] > 0 and r["peak_rss_bytes"] > 0
     assert r["tokens"][0] == result["modes"]["resident"]["tokens"][0][:2]  # greedy: a prefix of the same text

@@ -56,6 +56,17 @@ def test_bytes_read_counts_every_load():
     assert (r.misses, r.bytes_read) == (4, 4000)
 
 
+def test_decode_counts_leave_out_the_prefill():
+    # step 0 is a prefill of two tokens (experts 0 and 1), then decode steps 2, 0, 3, 0 with two slots
+    trace = make_trace([0, 1, 2, 0, 3, 0], 4)
+    trace.step[:] = [0, 0, 1, 2, 3, 4]
+    trace.decode[:2] = False
+    r = simulate(Steps(trace), Setting("lru", 2))
+    # prefill: 0, 1 miss | 2 misses (evicts 0), 0 misses (evicts 1), 3 misses (evicts 2), 0 hits
+    assert (r.hits, r.misses) == (1, 5)
+    assert (r.decode_hits, r.decode_misses) == (1, 3) and r.decode_hit_rate == 0.25
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_belady_is_an_upper_bound(seed):
     rng = np.random.default_rng(seed)

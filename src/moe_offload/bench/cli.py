@@ -43,6 +43,8 @@ def add_parser(sub) -> None:
     add_budget_args(p)
     p.add_argument("--in-process", action="store_true", help="run every mode in this process: faster to start, "
                    "but peak RSS then also holds what earlier modes left behind")
+    p.add_argument("--no-plan", action="store_true", help="skip the prediction of each mode's decode speed "
+                   "(moe-offload plan's model) that is printed next to the measured one")
     p.add_argument("--json", metavar="FILE", help="write every number to FILE")
     p.add_argument("--plot", metavar="FILE.png", help="draw bars per mode into FILE.png (needs matplotlib)")
     p.set_defaults(func=cmd_bench)
@@ -73,7 +75,8 @@ def cmd_bench(args) -> None:
     source = Path(args.source) if args.source else source
     results = run_bench(store, source, modes, explicit_modes=args.modes is not None, prompts=args.prompts,
                         max_new_tokens=args.max_new_tokens, accelerate_tokens=args.accelerate_tokens,
-                        load_kwargs=load_kwargs(args), in_process=args.in_process, shape=args.shape)
+                        load_kwargs=load_kwargs(args), in_process=args.in_process, shape=args.shape,
+                        forecast=not args.no_plan)
     print(format_report(results))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))

@@ -30,6 +30,9 @@ ROWS = [  # label, key, format
     ("disk MiB/s while decoding", "decode_disk_bytes_per_s", _mib),
     ("roofline tok/s", "roofline_tokens_per_s", _num("{:.2f}")),
     ("% of roofline", "roofline_ratio", lambda v: "-" if v is None else f"{100 * v:.0f}%"),
+    ("plan decode tok/s", "plan_decode_tokens_per_s", _num("{:.2f}")),
+    ("plan hit rate", "plan_hit_rate", _num("{:.3f}")),
+    ("measured / plan", "measured_over_plan", _num("{:.2f}")),
     ("tokens = transformers", "match_transformers", _num("{:.2f}")),
     ("tokens = resident", "match_resident", _num("{:.2f}")),
 ]
@@ -77,6 +80,10 @@ def format_report(results: dict) -> str:
         "bytes / RAM bandwidth + disk bytes / disk bandwidth);",
         "above 100% of the roofline, the disk delivered more while decoding than in the up-front measurement.",
     ]
+    if any("plan" in r for r in results["modes"].values()):
+        lines += ["plan: `moe-offload plan`'s prediction, made before the modes ran: a decode timed with every "
+                  "expert resident, plus the misses the simulator expects on that run's routing at each mode's "
+                  "cache size, read at the measured blob bandwidth (prefetch off: offload = lru-only)."]
     if results["targets"]:
         lines += ["", "targets (issue #4):"]
         for t in results["targets"]:

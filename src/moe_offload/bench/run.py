@@ -14,6 +14,8 @@ import tempfile
 from pathlib import Path
 
 from .compare import _compare_tokens, targets
+from .forecast import attach as attach_forecast
+from .forecast import forecast_modes
 from .mode import HF_MODES, PROMPTS, run_mode
 from .roofline import blob_bandwidth, disk_bandwidth, ram_bandwidth, roofline_for
 from .system import drop_page_cache
@@ -21,7 +23,8 @@ from .system import drop_page_cache
 
 def run_bench(store: Path, source: Path | None, modes: list[str], *, explicit_modes: bool = True,
               prompts: int = len(PROMPTS), max_new_tokens: int = 128, accelerate_tokens: int = 8,
-              load_kwargs: dict | None = None, in_process: bool = False, shape: str | None = None) -> dict:
+              load_kwargs: dict | None = None, in_process: bool = False, shape: str | None = None,
+              forecast: bool = True) -> dict:
     """Run the modes one after the other; returns everything the table, the JSON and the plot show."""
     import torch
     from tqdm.auto import tqdm
@@ -42,6 +45,10 @@ def run_bench(store: Path, source: Path | None, modes: list[str], *, explicit_mo
     sequential, blobs = disk_bandwidth(st.path / EXPERTS_FILE), blob_bandwidth(st)
     roofline = {"ram_bytes_per_s": ram_bandwidth(), "disk_bytes_per_s": max(sequential, blobs),
                 "disk_sequential_bytes_per_s": sequential, "disk_blob_bytes_per_s": blobs}
+    predicted = {}
+    if forecast:
+        print("predicting each mode's decode speed (moe-offload plan's model) ...", file=sys.stderr)
+        predicted = forecast_modes(st, modes, load_kwargs, blobs)
     spec_base = dict(store=str(st.path), source=str(source) if source else None,
                      prompts=list(PROMPTS[:prompts]), max_new_tokens=max_new_tokens,
                      accelerate_tokens=min(accelerate_tokens, max_new_tokens), load_kwargs=load_kwargs,
@@ -62,6 +69,7 @@ def run_bench(store: Path, source: Path | None, modes: list[str], *, explicit_mo
         raise MoeOffloadError("no mode to run")
     for r in results.values():
         r.update(roofline_for(r, roofline))
+    attach_forecast(results, predicted)
     _compare_tokens(results)
     return {
         "moe_offload_version": __version__,
@@ -103,14 +111,18 @@ def _check_source(modes: list[str], source: Path | None, explicit: bool) -> list
 
 def expert_cache_bytes(st, load_kwargs: dict) -> int:
     """Bytes of expert-cache slots that load() would allocate with these options."""
+    pools = st.num_layers if (load_kwargs.get("cache_scope") or "layer") == "layer" else 1
+    return cache_slots_per_pool(st, load_kwargs) * pools * st.blob_size
+
+
+def cache_slots_per_pool(st, load_kwargs: dict) -> int:
     from ..config import OffloadConfig
     from ..model import slots_per_pool
 
     cfg = OffloadConfig(expert_cache=load_kwargs.get("expert_cache"),
                         experts_per_layer=load_kwargs.get("experts_per_layer"),
                         cache_scope=load_kwargs.get("cache_scope") or "layer")
-    pools = st.num_layers if cfg.cache_scope == "layer" else 1
-    return slots_per_pool(st, cfg) * pools * st.blob_size
+    return slots_per_pool(st, cfg)
 
 
 def run_mode_subprocess(spec: dict, progress) -> dict:

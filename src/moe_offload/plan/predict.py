@@ -2,8 +2,9 @@
 
   memory      dense weights (resident) + cache slots x blob size + the runtime's own footprint
   cache size  what is left for the cache, in whole experts per MoE layer (at most all of them)
-  hit rate    from a trace: the simulator's LRU at that cache size (what the live cache does);
-              without one: slots / experts, the rate of routing with no locality at all
+  hit rate    the simulator's LRU at that cache size over decode steps (what the live cache does),
+              on the given trace, else on the routing of the timed decode below; with neither
+              (--no-measure): slots / experts, the rate of routing with no locality at all
   tokens/s    1 / (compute + reads): compute is a short decode timed with every expert
               resident (or dense + top-k expert bytes over the RAM bandwidth); reads are the
               expected misses per token, (1 - hit rate) x top-k x MoE layers, times the blob size
@@ -11,11 +12,12 @@
 """
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass
 
 from ..errors import MoeOffloadError
 from ..store import DENSE_FILE, Store
+
+TIMING_PROMPT = "And it came to pass"  # any text: the timed decode only needs tokens to follow it
 
 RUNTIME_BYTES = 400 << 20  # python + torch + transformers + tokenizer, measured RSS of a loaded tiny store ~350 MiB
 
@@ -51,24 +53,39 @@ def cache_slots(store: Store, ram: int, runtime: int = RUNTIME_BYTES) -> tuple[b
     return slots >= store.top_k, int(max(slots, 0))
 
 
-def trace_hit_rate(trace_path, slots: int) -> float:
+def trace_hit_rate(trace, slots: int, policy: str = "lru", scope: str = "layer") -> float:
+    """The simulator's hit rate over a trace's decode steps (what a decode token pays), at this cache size."""
     from ..routing import Setting, Steps, load_trace, simulate
 
-    trace = load_trace(trace_path)
-    return simulate(Steps(trace), Setting("lru", slots)).hit_rate
+    steps = trace if isinstance(trace, Steps) else Steps(load_trace(trace))
+    result = simulate(steps, Setting(policy, slots, scope))
+    return result.decode_hit_rate if result.decode_hits + result.decode_misses else result.hit_rate
 
 
-def measure_compute(store: Store, tokens: int = 24) -> float:
-    """Seconds per decode token with every expert resident (nothing read after warm-up)."""
+@dataclass
+class Timing:
+    """A short decode timed with every expert resident, and the routing it took."""
+
+    seconds_per_token: float
+    tokens: int
+    prompt: str
+    steps: object  # routing.Steps of a second, traced run of the same prompt
+
+
+def time_decode(store: Store, tokens: int = 24, prompt: str = TIMING_PROMPT) -> Timing:
+    """Seconds per decode token with every expert resident (nothing read after warm-up); then the
+    same generation again under the trace recorder, whose hooks must not be in the timing."""
     from transformers import AutoTokenizer
 
     from ..engine import SamplingParams, generate_text
     from ..model import load
+    from ..routing import Steps
+    from ..routing.recorder import TraceRecorder
 
     model = load(store.path, experts_per_layer=store.num_experts, prefetch=0)
     try:
         tok = AutoTokenizer.from_pretrained(store.path, local_files_only=True)
-        ids = tok("And it came to pass").input_ids
+        ids = tok(prompt).input_ids
         generate_text(model, tok, ids, SamplingParams(max_new_tokens=4))  # loads every expert it touches
         for layer in store.moe_layers:  # and the rest, so the timed run reads nothing
             list(model.offload_runtime.cache.stream(layer, range(store.num_experts)))
@@ -76,9 +93,27 @@ def measure_compute(store: Store, tokens: int = 24) -> float:
         stats.reset()
         generate_text(model, tok, ids, SamplingParams(max_new_tokens=tokens))
         d = stats.as_dict()
-        return d["seconds_decode"] / max(1, d["tokens_decode"])
+        recorder = TraceRecorder(model, depth=1)
+        try:
+            generate_text(model, tok, ids, SamplingParams(max_new_tokens=tokens))
+        finally:
+            recorder.close()
+        steps = Steps(recorder.trace({}))
+        return Timing(d["seconds_decode"] / max(1, d["tokens_decode"]), tokens, prompt, steps)
     finally:
         model.close()
+
+
+def measure_compute(store: Store, tokens: int = 24) -> float:
+    """Seconds per decode token with every expert resident."""
+    return time_decode(store, tokens).seconds_per_token
+
+
+def decode_rate(store: Store, hit_rate: float, compute: float, disk_read: float) -> tuple[float, float, float]:
+    """(expert reads per token, read seconds per token, tokens/s): compute plus the misses' reads."""
+    misses = (1 - hit_rate) * store.top_k * len(store.moe_layers)
+    read = misses * store.blob_size / disk_read
+    return misses, read, 1 / (compute + read)
 
 
 def estimate_compute(store: Store, ram_bw: float) -> float:
@@ -91,24 +126,28 @@ def plan(store_path, ram: int, *, disk_read: float | None = None, trace=None, me
     store = Store.open(store_path)
     fits, slots = cache_slots(store, ram, runtime)
     L, E, k, blob = len(store.moe_layers), store.num_experts, store.top_k, store.blob_size
-    if trace is not None and fits:
-        hit, source = trace_hit_rate(trace, slots), f"LRU on trace {trace}"
-    else:
-        hit, source = (slots / E if fits else 0.0), "slots / experts (no trace: routing without locality)"
     if disk_read is None:
         from ..bench.roofline import blob_bandwidth
 
         disk_read = blob_bandwidth(store, limit=min(256 << 20, L * E * blob))
     if disk_read <= 0:
         raise MoeOffloadError("the disk read bandwidth must be positive")
-    if measure:
-        compute, csource = measure_compute(store), "timed decode, every expert resident"
+    timing = time_decode(store) if measure else None
+    if timing is not None:
+        compute, csource = timing.seconds_per_token, "timed decode, every expert resident"
     else:
         from ..bench.roofline import ram_bandwidth
 
         compute, csource = estimate_compute(store, ram_bandwidth(256 << 20)), "bytes / RAM bandwidth"
-    misses = (1 - hit) * k * L
-    read = misses * blob / disk_read
-    tps = 1 / (compute + read) if fits else 0.0
+    if not fits:
+        hit, source = 0.0, "does not fit"
+    elif trace is not None:
+        hit, source = trace_hit_rate(trace, slots), f"LRU on trace {trace}"
+    elif timing is not None:
+        hit, source = (trace_hit_rate(timing.steps, slots),
+                       f"LRU on the timed run's own routing ({timing.tokens} tokens after {timing.prompt!r})")
+    else:
+        hit, source = slots / E, "slots / experts (no trace: routing without locality)"
+    misses, read, tps = decode_rate(store, hit, compute, disk_read)
     return Plan(ram, (store.path / DENSE_FILE).stat().st_size, blob, L, E, k, fits, slots, slots * L * blob, hit,
-                source, misses, compute, csource, disk_read, read, tps)
+                source, misses, compute, csource, disk_read, read, tps if fits else 0.0)

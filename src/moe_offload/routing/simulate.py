@@ -44,11 +44,18 @@ class Result:
     guessed_right: int = 0
     needed: int = 0
     bytes_read: int = 0
+    decode_hits: int = 0  # the same counts over decode steps only: what a decode token costs
+    decode_misses: int = 0
     evictions: list | None = None
 
     @property
     def hit_rate(self) -> float:
         return self.hits / (self.hits + self.misses) if self.hits + self.misses else 0.0
+
+    @property
+    def decode_hit_rate(self) -> float:
+        n = self.decode_hits + self.decode_misses
+        return self.decode_hits / n if n else 0.0
 
     @property
     def precision(self) -> float:
@@ -191,15 +198,18 @@ def simulate(steps: Steps, setting: Setting, record_evictions: bool = False) -> 
             last_step[i] = set(keys)
             order = [k for k in keys if k in pool.lru] + [k for k in keys if k not in pool.lru]
             done: set = set()
+            decode = steps.decode[s]
             for key in order:
                 if key in pool.lru:
                     res.hits += 1
+                    res.decode_hits += decode
                     pool.lru.move_to_end(key)
                     if key in pool.speculative:
                         pool.speculative.discard(key)
                         res.prefetch_useful += 1
                 else:
                     res.misses += 1
+                    res.decode_misses += decode
                     res.demand_loads += 1
                     if len(pool.lru) >= pool.slots:
                         victim = pool.victim(now, done) or next(iter(pool.lru))
