@@ -1,52 +1,59 @@
-"""What `moe-offload plan` predicts for each of our modes, made before they run, to print next to
-what they measure.
+"""What `moe-offload plan` predicts for each of our modes, made before each runs, to print next to
+what it measures.
 
 One timed decode with every expert resident gives the compute per token and a routing trace;
 each mode's expected hit rate is the simulator's on that trace at the mode's cache size (resident:
-every expert; no-cache: none), and its reads go at the disk's measured blob-read bandwidth. The
-plan predicts for prefetch off, so `offload` gets the same prediction as `lru-only`.
+every expert; no-cache: none). Its reads go at the disk's blob-read bandwidth, measured again
+right before the mode runs: a shared machine's disk drifts by 2x within minutes (README,
+"Planning"), and the prediction should be judged on its model, not on that drift. The plan
+predicts for prefetch off, so `offload` gets the same model as `lru-only`.
 """
 from __future__ import annotations
 
 import gc
 
 from ..plan.predict import decode_rate, time_decode, trace_hit_rate
+from .mode import OURS
+from .roofline import blob_bandwidth
+
+DISK_SAMPLE = 256 << 20  # bytes of cold blob reads before each mode: a second or less
 
 
-def forecast_modes(st, modes: list[str], load_kwargs: dict, disk_read: float) -> dict[str, dict]:
-    from .mode import OURS
-    from .run import cache_slots_per_pool
+class Forecast:
+    def __init__(self, st, load_kwargs: dict):
+        self.st, self.load_kwargs = st, load_kwargs
+        self.timing = time_decode(st)
+        gc.collect()
 
-    ours = [m for m in modes if m in OURS]
-    if not ours or disk_read <= 0:
-        return {}
-    timing = time_decode(st)
-    gc.collect()
-    policy = load_kwargs.get("policy") or "lru"
-    scope = load_kwargs.get("cache_scope") or "layer"
-    out = {}
-    for mode in ours:
+    def hit_rate(self, mode: str) -> float:
         if mode == "resident":
-            hit = 1.0
-        elif mode == "no-cache":
-            hit = 0.0  # every use is read: the pools are emptied after each layer
-        else:
-            hit = trace_hit_rate(timing.steps, cache_slots_per_pool(st, load_kwargs), policy, scope)
-        misses, read, tps = decode_rate(st, hit, timing.seconds_per_token, disk_read)
-        out[mode] = {"decode_tokens_per_s": round(tps, 3), "hit_rate": round(hit, 4),
-                     "compute_seconds_per_token": timing.seconds_per_token,
-                     "read_seconds_per_token": read, "expert_reads_per_token": misses}
-    return out
+            return 1.0
+        if mode == "no-cache":
+            return 0.0  # every use is read: the pools are emptied after each layer
+        from .run import cache_slots_per_pool
+
+        kw = self.load_kwargs
+        return trace_hit_rate(self.timing.steps, cache_slots_per_pool(self.st, kw), kw.get("policy") or "lru",
+                              kw.get("cache_scope") or "layer")
+
+    def predict(self, mode: str) -> dict:
+        hit = self.hit_rate(mode)
+        disk = blob_bandwidth(self.st, limit=min(DISK_SAMPLE, self.st.blob_size * self.st.num_experts
+                                                 * len(self.st.moe_layers))) if hit < 1 else 0
+        compute = self.timing.seconds_per_token
+        misses, read, tps = decode_rate(self.st, hit, compute, disk) if disk else (0.0, 0.0, 1 / compute)
+        return {"decode_tokens_per_s": round(tps, 3), "hit_rate": round(hit, 4), "compute_seconds_per_token": compute,
+                "read_seconds_per_token": read, "expert_reads_per_token": misses, "disk_bytes_per_s": disk}
 
 
-def attach(results: dict[str, dict], forecast: dict[str, dict]) -> None:
-    """Each mode's prediction and measured / predicted decode tokens/s."""
-    for mode, f in forecast.items():
-        r = results.get(mode)
-        if r is None:
-            continue
-        r["plan"] = f
-        r["plan_decode_tokens_per_s"] = f["decode_tokens_per_s"]
-        r["plan_hit_rate"] = f["hit_rate"]
-        measured = r.get("decode_tokens_per_s")
-        r["measured_over_plan"] = round(measured / f["decode_tokens_per_s"], 3) if measured else None
+def forecaster(st, modes: list[str], load_kwargs: dict) -> Forecast | None:
+    return Forecast(st, load_kwargs) if any(m in OURS for m in modes) else None
+
+
+def attach(result: dict, forecast: dict) -> None:
+    """A mode's prediction and measured / predicted decode tokens/s."""
+    result["plan"] = forecast
+    result["plan_decode_tokens_per_s"] = forecast["decode_tokens_per_s"]
+    result["plan_hit_rate"] = forecast["hit_rate"]
+    measured = result.get("decode_tokens_per_s")
+    result["measured_over_plan"] = round(measured / forecast["decode_tokens_per_s"], 3) if measured else None

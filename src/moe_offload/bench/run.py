@@ -15,8 +15,8 @@ from pathlib import Path
 
 from .compare import _compare_tokens, targets
 from .forecast import attach as attach_forecast
-from .forecast import forecast_modes
-from .mode import HF_MODES, PROMPTS, run_mode
+from .forecast import forecaster
+from .mode import HF_MODES, OURS, PROMPTS, run_mode
 from .roofline import blob_bandwidth, disk_bandwidth, ram_bandwidth, roofline_for
 from .system import drop_page_cache
 
@@ -45,10 +45,11 @@ def run_bench(store: Path, source: Path | None, modes: list[str], *, explicit_mo
     sequential, blobs = disk_bandwidth(st.path / EXPERTS_FILE), blob_bandwidth(st)
     roofline = {"ram_bytes_per_s": ram_bandwidth(), "disk_bytes_per_s": max(sequential, blobs),
                 "disk_sequential_bytes_per_s": sequential, "disk_blob_bytes_per_s": blobs}
-    predicted = {}
+    planner = None
     if forecast:
-        print("predicting each mode's decode speed (moe-offload plan's model) ...", file=sys.stderr)
-        predicted = forecast_modes(st, modes, load_kwargs, blobs)
+        print("timing a resident decode for moe-offload plan's predictions ...", file=sys.stderr)
+        planner = forecaster(st, modes, load_kwargs)
+    predicted = {}
     spec_base = dict(store=str(st.path), source=str(source) if source else None,
                      prompts=list(PROMPTS[:prompts]), max_new_tokens=max_new_tokens,
                      accelerate_tokens=min(accelerate_tokens, max_new_tokens), load_kwargs=load_kwargs,
@@ -59,6 +60,8 @@ def run_bench(store: Path, source: Path | None, modes: list[str], *, explicit_mo
     with tqdm(total=steps, unit="step", desc="bench", dynamic_ncols=True) as bar:
         for mode in modes:
             bar.set_description(mode)
+            if planner is not None and mode in OURS:
+                predicted[mode] = planner.predict(mode)
             drop_page_cache(*files)
             spec = dict(spec_base, mode=mode)
             run = run_mode if in_process else run_mode_subprocess
@@ -69,7 +72,8 @@ def run_bench(store: Path, source: Path | None, modes: list[str], *, explicit_mo
         raise MoeOffloadError("no mode to run")
     for r in results.values():
         r.update(roofline_for(r, roofline))
-    attach_forecast(results, predicted)
+    for mode, f in predicted.items():
+        attach_forecast(results[mode], f)
     _compare_tokens(results)
     return {
         "moe_offload_version": __version__,
