@@ -29,6 +29,9 @@ class CudaTransport:
     def copy(self, src: torch.Tensor, dest: torch.Tensor) -> None:
         """Copy a pinned host blob into a device slot on the copy stream; returns once the slot holds
         it (called from a loader thread, so compute on the default stream goes on meanwhile)."""
+        # The slot may have held an evicted expert whose kernels, launched before its eviction, still
+        # run on the compute stream: the copy waits for everything launched there so far.
+        self.copy_stream.wait_stream(torch.cuda.default_stream(self.device))
         with torch.cuda.stream(self.copy_stream):
             dest.copy_(src[:dest.numel()], non_blocking=True)
             done = torch.cuda.Event()
