@@ -251,7 +251,11 @@ class Hybrid:
         if not compute_on_cpu(self.host.blob_size, tokens, self.costs):
             return {}
         taken = {}
+        # Leave host slots for the device's own reads: they wait for an unpinned one.
+        most = len(self.host.slots) - MIN_HOST_SLOTS // 2
         for e in experts:
+            if len(taken) >= most:
+                break
             if cache.contains(layer, e):
                 continue
             got = self.host.pin(layer, e)
