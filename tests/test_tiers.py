@@ -20,7 +20,7 @@ from moe_offload.errors import MoeOffloadError
 from moe_offload.quant import dequantize, quantize
 from moe_offload.stats import OffloadStats
 from moe_offload.store import Store
-from moe_offload.tiers import MIN_HOST_SLOTS, HostCache, HostCopy, TierCosts, compute_on_cpu
+from moe_offload.tiers import MIN_HOST_SLOTS, HostCache, HostCopy, Hybrid, TierCosts, compute_on_cpu
 
 BLOB = 4096
 
@@ -190,6 +190,22 @@ def test_hybrid_decision_on_injected_numbers():
     # The fixed cost of a copy counts: tiny experts stay on the CPU when launches dominate.
     assert compute_on_cpu(4096, 1, TierCosts(copy_bytes_per_s=25e9, copy_latency_s=1e-3,
                                              cpu_seconds_per_expert=0.1e-3))
+
+
+def test_hybrid_takes_only_host_experts_that_miss_the_device_and_pins_them():
+    stats, disk, copy, host, device = three_tiers(device_slots_per_layer=2, host_slots=6, layers=(0,))
+    for e in range(4):
+        list(device.stream(0, [e]))  # host holds 0..3, the device 2 and 3
+    cpu = Hybrid(host, TierCosts(copy_bytes_per_s=1.0, copy_latency_s=1.0, cpu_seconds_per_expert=1e-6), stats)
+    gpu = Hybrid(host, TierCosts(copy_bytes_per_s=1e12, copy_latency_s=0.0, cpu_seconds_per_expert=1.0), stats)
+    assert gpu.take(device, 0, [0, 1, 5], tokens=1) == {}
+    taken = cpu.take(device, 0, [0, 1, 2, 5], tokens=1)  # 2 is on the device, 5 nowhere
+    assert sorted(taken) == [0, 1] and stats.experts_cpu == 2
+    assert all(int(views[1]) == e for e, (_, views) in taken.items())
+    assert all(slot.pins == 1 for slot, _ in taken.values())
+    cpu.release(taken)
+    assert all(slot.pins == 0 for slot, _ in taken.values())
+    host.check_invariants()
 
 
 # ---------------------------------------------------------------- device-neutral kernels (the reference on CPU)
