@@ -52,12 +52,12 @@ class Pool:
 class ExpertCache:
     def __init__(self, layers: list[int], slots_per_pool: int, blob_size: int, loader,
                  stats: OffloadStats, scope: str = "layer", make_views: Callable | None = None,
-                 policy: str = "lru"):
+                 policy: str = "lru", allocate: Callable[[int], torch.Tensor] = aligned_buffer):
         self.loader, self.stats, self.scope, self.policy = loader, stats, scope, policy
         self.uses: dict[Key, int] = {}  # requests per expert since the cache was made (policy "lfu")
         pool_keys = layers if scope == "layer" else [None]
         total = slots_per_pool * len(pool_keys)
-        self.buffer = aligned_buffer(total * blob_size)  # the whole budget, allocated once
+        self.buffer = allocate(total * blob_size)  # the whole budget, allocated once (in VRAM on a GPU)
         slots = [Slot(i, self.buffer[i * blob_size:(i + 1) * blob_size], None) for i in range(total)]
         for s in slots:
             s.views = make_views(s.buffer) if make_views else s.buffer
@@ -67,6 +67,8 @@ class ExpertCache:
         self.evicted: list[Key] = []  # eviction order, kept short; tests compare it with a reference LRU
         stats.cache_slots = total
         stats.resident = lambda: len(self.residency)
+        # A tier below with room of its own (tiers.HostCache): guesses no slot here can take go there.
+        self.warm_below = getattr(loader, "warm", None)
 
     def pool(self, layer: int) -> Pool:
         return self.pools[layer if self.scope == "layer" else None]
@@ -137,6 +139,9 @@ class ExpertCache:
                     continue
                 slot = self._claim(pool, keep)
                 if slot is None:
+                    if self.warm_below is not None:  # the rest of the guess fills the host tier only
+                        left = [e for e in experts if (layer, int(e)) not in self.residency]
+                        self.warm_below(layer, left)
                     break
                 self._load(pool, slot, key, speculative=True)
                 # A guess enters at the old end of the LRU order: if wrong, it is the next to go

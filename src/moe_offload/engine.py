@@ -136,7 +136,7 @@ def generate_text(model, tokenizer, prompt_ids: list[int], params: SamplingParam
     if params.seed is not None:
         torch.manual_seed(params.seed)
     tracker = TextTracker(tokenizer, len(prompt_ids), params.stop, on_text, cancel)
-    input_ids = torch.tensor([prompt_ids], dtype=torch.long)
+    input_ids = torch.tensor([prompt_ids], dtype=torch.long, device=model.device)
     with torch.inference_mode():
         model.generate(input_ids, attention_mask=torch.ones_like(input_ids),
                        generation_config=generation_config_for(model, tokenizer, params),

@@ -11,7 +11,7 @@ import threading
 import torch
 import torch.nn.functional as F
 
-from . import kernels_grouped, kernels_int4pack
+from . import kernels_device, kernels_grouped, kernels_int4pack
 from .quant import QMatrix, dequantize
 
 _state = threading.local()
@@ -41,6 +41,8 @@ def linear(x: torch.Tensor, m: QMatrix) -> torch.Tensor:
     if m.fmt == "dense":
         w = m.tensors["weight"]
         return F.linear(x.to(w.dtype), w).to(x.dtype)
+    if x.device.type != "cpu":  # a GPU: the CPU layouts' kernels do not run there (kernels_device.py)
+        return kernels_device.linear(x, m)
     if reference_mode():
         return linear_reference(x, m)
     if m.fmt == "int4pack":
@@ -66,7 +68,7 @@ def expert_forward(x: torch.Tensor, gate_up: QMatrix, down: QMatrix, act=None, *
     SwiGLU on concatenated halves, act(gate) * up, with `act`."""
     gate = gate or (lambda y: _swiglu(y, act))
     if (gate_up.fmt == down.fmt == "int4pack" and x.dim() == 2 and gate_up_bias is None and down_bias is None
-            and not reference_mode()):
+            and not reference_mode() and x.device.type == "cpu"):
         return _int4pack_expert(x, gate_up, down, gate)
     y = linear(x, gate_up)
     if gate_up_bias is not None:

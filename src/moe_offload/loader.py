@@ -1,4 +1,4 @@
-"""Moving expert blobs from the slow tier into cache slots, in background threads.
+"""Moving expert blobs from the disk into cache slots (or host slots: tiers.py), in background threads.
 
 Reads use os.preadv (releases the GIL) with O_DIRECT where the file system allows it, else
 buffered reads followed by POSIX_FADV_DONTNEED: either way the page cache does not keep a second
@@ -82,10 +82,3 @@ class DiskLoader:
         except OSError:
             pass
 
-
-def make_loader(store: Store, stats: OffloadStats, device: str):
-    if device.startswith("cuda"):
-        from .loader_cuda import CudaLoader  # imported only when asked for: CUDA is never required
-
-        return CudaLoader(store, stats, device)
-    return DiskLoader(store, stats)

@@ -15,16 +15,16 @@ from types import MethodType
 import torch
 from torch import nn
 
-from . import kernels, kernels_int4pack, moe
+from . import kernels, kernels_int4pack, moe, tiers
 from .archs import MoeSpec, build_meta_model, describe
 from .cache import ExpertCache
-from .config import OffloadConfig, format_size
+from .config import OffloadConfig, format_size, parse_size
 from .errors import MoeOffloadError
-from .loader import make_loader
+from .loader import DiskLoader
 from .prefetch import Prefetcher
 from .quant import QMatrix, int4pack_layout_id
 from .stats import OffloadStats
-from .store import DENSE_FILE, Store
+from .store import DENSE_FILE, EXPERTS_FILE, Store
 
 
 class QuantLinear(nn.Module):
@@ -73,6 +73,9 @@ class QuantLinear(nn.Module):
 class OffloadRuntime:
     """What the offloaded model owns besides its modules: store, loader, cache, prefetcher, stats."""
 
+    device = "cpu"  # where the dense part and the expert slots live
+    hybrid: tiers.Hybrid | None = None  # CPU compute of experts that sit in host RAM (tiers.py)
+
     def __init__(self, store: Store, cache: ExpertCache, loader, prefetcher: Prefetcher | None, stats: OffloadStats):
         self.store, self.cache, self.loader, self.prefetcher, self.stats = store, cache, loader, prefetcher, stats
         self.residuals: dict[int, torch.Tensor] = {}
@@ -104,19 +107,25 @@ def slots_per_pool(store: Store, cfg: OffloadConfig) -> int:
 
 def load(store: str | os.PathLike, *, device: str = "cpu", expert_cache: int | str | None = None,
          experts_per_layer: int | None = None, prefetch: int = 2, lookahead: int = 1, policy: str = "lru",
-         cache_scope: str = "layer", dtype: torch.dtype = torch.float32):
+         cache_scope: str = "layer", dtype: torch.dtype = torch.float32,
+         host_cache: int | str | None = None, _tier_costs: tiers.TierCosts | None = None):
     """Load a store as a transformers PreTrainedModel whose experts are offloaded.
 
     `expert_cache` is the byte budget of the expert cache (int or "2GiB"), `experts_per_layer` the
     other way to say it; by default the cache holds a quarter of the experts. The returned model
     has `offload_stats()` and `close()` besides everything transformers gives.
+
+    `device="cuda"` puts the dense part, the KV cache and the expert slots (`expert_cache`: the VRAM
+    budget) on the GPU, with a pinned host-RAM cache of `host_cache` bytes in front of the disk
+    (README, "GPU tier": not run on a GPU yet). With `device="cpu"` and a `host_cache`, the same three
+    tiers run with the "device" slots in host memory (the stand-in the CPU tests use).
     """
     from transformers import AutoConfig, GenerationConfig
 
     cfg = OffloadConfig(device, expert_cache, experts_per_layer, prefetch, lookahead, policy, cache_scope)
-    if device != "cpu":
-        # The transport (loader_cuda.CudaLoader) exists; the GPU kernels for stored formats do not yet.
-        raise MoeOffloadError(f"device {device!r}: this version computes on the CPU only; use device='cpu'")
+    if device != "cpu" and not torch.cuda.is_available():
+        raise MoeOffloadError(f"device {device!r}: this torch has no CUDA device (torch.cuda.is_available() is "
+                              "False); use device='cpu' or a CUDA build of torch on a machine with a GPU")
     st = Store.open(store)
     config = AutoConfig.from_pretrained(st.path, local_files_only=True)
     int4pack_shapes = {(m["n"], m["k"]) for m in _all_formats(st) if m["fmt"] == "int4pack"}
@@ -134,11 +143,12 @@ def load(store: str | os.PathLike, *, device: str = "cpu", expert_cache: int | s
         kernels_int4pack.warm_up(int4pack_shapes)  # the first long prompt would pay for it otherwise
 
     stats = OffloadStats(st.moe_layers)
-    loader = make_loader(st, stats, device)
+    loader, transport = _tiers(st, stats, device, host_cache)
     cache = ExpertCache(st.moe_layers, per_pool, st.blob_size, loader, stats, cfg.cache_scope, st.layout.views,
-                         cfg.policy)
+                         cfg.policy, **({"allocate": transport.allocate_device} if transport else {}))
     prefetcher = _prefetcher(model, spec, cache, stats, cfg) if cfg.prefetch else None
     runtime = OffloadRuntime(st, cache, loader, prefetcher, stats)
+    runtime.device = device
     for layer in spec.layers:
         moe.attach(model.get_submodule(layer.experts), layer.index, runtime, spec.expert_params)
     _swap_quantized_linears(model, st.manifest["dense_linears"])
@@ -146,6 +156,13 @@ def load(store: str | os.PathLike, *, device: str = "cpu", expert_cache: int | s
     _rebuild_meta_buffers(model)
     model.tie_weights()
     _check_no_meta(model)
+    if device != "cpu":
+        model.to(device)
+    first_experts = model.get_submodule(spec.layers[0].experts)._offload
+    if (isinstance(loader, tiers.HostCache) and (_tier_costs is not None or device != "cpu")
+            and first_experts.post_norm is None):  # a post-expert norm lives on the device only
+        costs = _tier_costs or _measure_tier_costs(model, spec, st, transport, config.hidden_size, dtype)
+        runtime.hybrid = tiers.Hybrid(loader, costs, stats)
     model.generation_config = _generation_config(st, config, GenerationConfig)
     model.eval()
     _install_hooks(model, runtime, spec)
@@ -292,3 +309,36 @@ def _install_hooks(model: nn.Module, runtime: OffloadRuntime, spec: MoeSpec) -> 
 
     model.register_forward_pre_hook(before, with_kwargs=True)
     model.register_forward_hook(after, with_kwargs=True)
+
+
+# ---------------------------------------------------------------- the tiers (tiers.py)
+
+def _tiers(st: Store, stats: OffloadStats, device: str, host_cache):
+    """The loader the expert cache reads from, and the transport whose memory its slots use (None:
+    the CPU path, slots in page-aligned host memory read straight from disk, as before tiers).
+    CUDA: disk -> pinned host cache (a few staging slots when no host budget is given) -> VRAM."""
+    disk = DiskLoader(st, stats)
+    if device == "cpu" and host_cache is None:
+        return disk, None
+    if device == "cpu":
+        transport = tiers.HostCopy()  # the CPU stand-in of the three tiers
+    else:
+        from .transport_cuda import CudaTransport  # the only import of CUDA code, on request
+
+        transport = CudaTransport(device)
+    slots = 0 if host_cache is None else parse_size(host_cache) // st.blob_size
+    return tiers.HostCache(disk, slots, st.blob_size, stats, transport, st.layout.views), transport
+
+
+def _measure_tier_costs(model, spec: MoeSpec, st: Store, transport, hidden_size: int, dtype) -> tiers.TierCosts:
+    """What the hybrid decision needs, measured now: host -> device copies of one blob, and the CPU
+    kernels' time for one expert at one token (on the first expert's blob, read without the cache)."""
+    layer = spec.layers[0]
+    blob = st.blob(layer.index, 0)
+    with open(st.path / EXPERTS_FILE, "rb") as f:
+        f.seek(blob["offset"])
+        data = torch.frombuffer(bytearray(f.read(blob["size"])), dtype=torch.uint8)
+    expert = model.get_submodule(layer.experts)._offload.expert
+    cpu_seconds = tiers.measure_cpu_expert(expert, st.layout.views(data), hidden_size, dtype)
+    copy_bytes_per_s, copy_latency = transport.measure(st.blob_size)
+    return tiers.TierCosts(copy_bytes_per_s, copy_latency, cpu_seconds)

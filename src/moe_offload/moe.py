@@ -32,7 +32,7 @@ class LayerExperts:
         layout = runtime.store.layout.matrices
         self.layer_call = (layout["gate_up"]["fmt"] == "rowtile" and self.fused_act is not None
                            and self.post_norm is None and "gate_up_bias" not in layout
-                           and kernels_layer.is_silu(self.fused_act))
+                           and kernels_layer.is_silu(self.fused_act) and runtime.device == "cpu")
 
     def expert(self, x: torch.Tensor, w: dict) -> torch.Tensor:
         y = kernels.expert_forward(x, w["gate_up"], w["down"], self.fused_act,
@@ -58,18 +58,36 @@ class LayerExperts:
             used = [e for e in torch.unique(top_k_index).tolist() if e < self.num_experts]
         if rt.prefetcher is not None:
             rt.prefetcher.score(self.layer, set(used))
+        # Hybrid (tiers.py): experts that miss the device but sit in host RAM, computed on the CPU when
+        # that beats copying them; their host slots stay pinned until they are computed.
+        on_cpu = {} if rt.hybrid is None or self.post_norm is not None else (
+            rt.hybrid.take(rt.cache, self.layer, used, hidden_states.shape[0]))
+        if on_cpu:
+            try:
+                return self._forward(hidden_states, top_k_index, top_k_weights, decode,
+                                     weight_of if decode else None, used, on_cpu)
+            finally:
+                rt.hybrid.release(on_cpu)
         if decode and self.layer_call and used and not kernels.reference_mode():
             return self._one_call(hidden_states, used, weight_of)
+        return self._forward(hidden_states, top_k_index, top_k_weights, decode, weight_of if decode else None, used)
+
+    def _forward(self, hidden_states, top_k_index, top_k_weights, decode: bool, weight_of, used, on_cpu=None):
         # Outputs are summed in expert order, not in the order the cache delivers them: the float sum
         # is then the same whatever the cache holds, and so are the tokens of every cache size.
+        rt = self.runtime
         outputs = {}
-        for expert, weights in rt.cache.stream(self.layer, used):
+        if on_cpu:
+            used = [e for e in used if e not in on_cpu]
+        for expert, weights in (rt.cache.stream(self.layer, used) if used or not on_cpu else ()):
             if decode:
                 outputs[expert] = (None, self.expert(hidden_states, weights).mul_(weight_of[expert]))
                 continue
             token_idx, k_pos = torch.where(top_k_index == expert)
             y = self.expert(hidden_states[token_idx], weights)
             outputs[expert] = (token_idx, y * top_k_weights[token_idx, k_pos, None])
+        if on_cpu:  # after the device's experts were launched: on a GPU the two run at once
+            self._on_cpu(hidden_states, top_k_index, top_k_weights, weight_of, on_cpu, outputs)
         out = None if decode else torch.zeros_like(hidden_states)
         for expert in sorted(outputs):
             token_idx, y = outputs[expert]
@@ -78,6 +96,19 @@ class LayerExperts:
             else:
                 out.index_add_(0, token_idx, y.to(out.dtype))
         return out if out is not None else torch.zeros_like(hidden_states)
+
+    def _on_cpu(self, hidden_states, top_k_index, top_k_weights, weight_of, on_cpu: dict, outputs: dict) -> None:
+        """The experts of `on_cpu` (expert -> (host slot, views)) computed on the CPU, their outputs moved
+        to the device. On the CPU stand-in every move is a no-op and the arithmetic is the device path's."""
+        x = hidden_states.cpu()
+        for expert, (_, weights) in on_cpu.items():
+            if weight_of is not None:
+                y = self.expert(x, weights).mul_(weight_of[expert])
+                outputs[expert] = (None, y.to(hidden_states.device))
+                continue
+            token_idx, k_pos = torch.where(top_k_index == expert)
+            y = self.expert(x[token_idx.cpu()], weights).to(hidden_states.device)
+            outputs[expert] = (token_idx, y * top_k_weights[token_idx, k_pos, None])
 
     def _one_call(self, hidden_states: torch.Tensor, used: list[int], weight_of: dict) -> torch.Tensor:
         """Every expert of the token pinned at once, then computed and summed by one kernel call."""

@@ -18,9 +18,24 @@ def add_budget_args(p: argparse.ArgumentParser) -> None:
                    help="one LRU pool per layer (the paper) or one global pool (default layer)")
     p.add_argument("--policy", choices=["lru", "lfu"], default="lru",
                    help="eviction: least recently or least frequently used (default lru)")
+    # The GPU tier (README, "GPU tier"): --expert-cache is then the VRAM budget.
+    p.add_argument("--device", default="cpu", help="cpu, or cuda[:N]: dense part, KV cache and expert cache "
+                   "on the GPU, --expert-cache then being the VRAM budget (default cpu)")
+    p.add_argument("--host-cache", metavar="SIZE", help="byte budget of a host-RAM cache of experts between "
+                   "the disk and the expert cache (pinned on a GPU), e.g. 8GiB (default: none)")
 
 
 def load_kwargs(args) -> dict:
     return dict(expert_cache=args.expert_cache, experts_per_layer=args.experts_per_layer,
                 prefetch=args.prefetch, lookahead=args.lookahead, cache_scope=args.cache_scope,
-                policy=getattr(args, "policy", "lru"))
+                policy=getattr(args, "policy", "lru"), **_tier_kwargs(args))
+
+
+def _tier_kwargs(args) -> dict:
+    """--device and --host-cache, passed only when given (callers' defaults stay theirs)."""
+    out = {}
+    if getattr(args, "device", "cpu") != "cpu":
+        out["device"] = args.device
+    if getattr(args, "host_cache", None) is not None:
+        out["host_cache"] = args.host_cache
+    return out

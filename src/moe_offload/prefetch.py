@@ -82,7 +82,7 @@ class Prefetcher:
         self._guess_layer(self.layers[0], self.embed(token), read=read and self._worth_guessing())
 
     def _guess_layer(self, target: int, h: torch.Tensor, read: bool = True) -> None:
-        if read and not self.cache.has_room(target):
+        if read and not self.cache.has_room(target) and getattr(self.cache, "warm_below", None) is None:
             return  # nothing a guess may evict: skip the router (~0.2 ms a layer on a CPU)
         top = self._ranked(self.routers[target](self.norms[target](h))).reshape(-1)
         # Most probable first, so a nearly full pool takes the best guesses.

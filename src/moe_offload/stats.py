@@ -28,6 +28,7 @@ class OffloadStats:
         self.position = {layer: i for i, layer in enumerate(self.moe_layers)}
         self.num_layers = len(self.moe_layers)
         self.cache_slots = cache_slots
+        self.host_slots = 0  # set by the host tier (tiers.HostCache) when there is one
         self._lock = threading.Lock()
         self.resident = lambda: 0  # set by the cache: how many experts are resident now
         self.reset()
@@ -47,6 +48,10 @@ class OffloadStats:
             self.bytes_read: dict[str, int] = defaultdict(int)
             self.loads = 0
             self.stall_seconds = 0.0
+            # The host tier and the device (tiers.py): zero when there is none.
+            self.host_hits = self.host_misses = self.host_evictions = self.host_prefetch_loads = 0
+            self.bytes_to_device = 0  # host -> device (over PCIe on a GPU)
+            self.experts_cpu = 0  # experts computed on the CPU from host RAM instead of copied (hybrid)
         try:  # restart the peak-RSS watermark (Linux); harmless where not allowed
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
@@ -100,7 +105,15 @@ class OffloadStats:
                 "peak_rss_bytes": peak_rss_bytes(),
                 "resident_experts": self.resident(),
                 "cache_slots": self.cache_slots,
+                **self._tier_dict(),
             }
+
+    def _tier_dict(self) -> dict:
+        if not self.host_slots:
+            return {}
+        return {"host_slots": self.host_slots, "host_hits": self.host_hits, "host_misses": self.host_misses,
+                "host_evictions": self.host_evictions, "host_prefetch_loads": self.host_prefetch_loads,
+                "bytes_to_device": self.bytes_to_device, "experts_cpu": self.experts_cpu}
 
     def summary(self) -> str:
         """A few readable lines for the terminal."""
@@ -116,7 +129,9 @@ class OffloadStats:
              "prefetch: no guesses (off, or the cache never had a slot a guess could take)"),
             f"read {read / 2**20:.1f} MiB in {d['loads']} loads, stalled {d['stall_seconds']:.3f} s, "
             f"peak RSS {d['peak_rss_bytes'] / 2**20:.0f} MiB",
-        ])
+        ] + ([f"host tier: {d['host_hits']} hits, {d['host_misses']} misses, {d['host_evictions']} evictions in "
+              f"{d['host_slots']} slots; {d['bytes_to_device'] / 2**20:.1f} MiB to the device, "
+              f"{d['experts_cpu']} experts computed on the CPU"] if "host_slots" in d else []))
 
 
 def _rate(n: float, seconds: float) -> float:

@@ -50,7 +50,7 @@ def run_mode(spec: dict, progress) -> dict:
             load_seconds = time.perf_counter() - started
             progress({"mode": mode, "what": "loaded"})
             clock = PhaseClock(model, info.get("stats"))
-            if mode == "accelerate":  # see the module docstring: the limit leaves no room for a page cache
+            if mode == "accelerate" and not _on_gpu(spec):  # the module docstring: no room for a page cache
                 drop = [*spec["drop"], scratch]
 
                 def drop_before_forward(module, args):  # registered first, so it runs outside the timing
@@ -111,8 +111,15 @@ def open_model(spec: dict, scratch: str):
     from transformers import AutoModelForCausalLM
 
     kwargs = dict(dtype="auto", experts_implementation="eager", local_files_only=True)  # eager: faster on CPU
-    if mode == "accelerate":
+    if mode == "accelerate" and _on_gpu(spec):
+        # The paper's baseline: the GPU holds what our dense part and expert cache take, the rest
+        # waits in host RAM and crosses PCIe when its layer runs.
+        kwargs.update(device_map="auto", max_memory={_gpu_index(spec): spec["memory_limit"], "cpu": "1000GiB"},
+                      offload_folder=scratch)
+    elif mode == "accelerate":
         kwargs.update(device_map="auto", max_memory={"cpu": spec["memory_limit"]}, offload_folder=scratch)
+    elif _on_gpu(spec):
+        kwargs.update(device_map=spec["load_kwargs"]["device"])
     model = AutoModelForCausalLM.from_pretrained(spec["source"], **kwargs)
     model.eval()
     info = bytes_per_token_hf(model)
@@ -120,6 +127,16 @@ def open_model(spec: dict, scratch: str):
     if mode == "accelerate":
         info["device_map"] = sorted(set(getattr(model, "hf_device_map", {}).values()), key=str)
     return model, info
+
+
+def _on_gpu(spec: dict) -> bool:
+    """bench --device cuda[:N]: our modes load with it (load_kwargs), the HF modes place on that GPU."""
+    return spec.get("load_kwargs", {}).get("device", "cpu") != "cpu"
+
+
+def _gpu_index(spec: dict) -> int:
+    device = spec["load_kwargs"]["device"]
+    return int(device.split(":")[1]) if ":" in device else 0
 
 
 def _num_experts(store: str) -> int:
@@ -164,7 +181,7 @@ def _chat_ids(tokenizer, prompt: str):
 def _generate(model, tokenizer, prompt: str, new_tokens: int) -> list[int]:
     import torch
 
-    ids = _chat_ids(tokenizer, prompt)
+    ids = _chat_ids(tokenizer, prompt).to(model.device)
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                              min_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
@@ -176,7 +193,7 @@ def _long_prefill(model, tokenizer, prompts: list[str]) -> None:
     import torch
 
     ids = tokenizer(" ".join(prompts), return_tensors="pt")["input_ids"][0]
-    ids = ids.repeat(LONG_PREFILL // len(ids) + 1)[:LONG_PREFILL].unsqueeze(0)
+    ids = ids.repeat(LONG_PREFILL // len(ids) + 1)[:LONG_PREFILL].unsqueeze(0).to(model.device)
     with torch.no_grad():
         model(input_ids=ids, use_cache=False)
 
@@ -249,6 +266,8 @@ def _mode_result(mode, clock: PhaseClock, stats, tokens, info, load_seconds, pea
     if stats is not None:
         r.update(hit_rate=stats["hit_rate"], expert_bytes_read=sum(stats["bytes_read"].values()),
                  stall_seconds=stats["stall_seconds"], offload_stats=stats, load_options=info["options"])
+        if "bytes_to_device" in stats:  # a host tier (bench --device cuda, or --host-cache)
+            r.update(pcie_bytes=stats["bytes_to_device"], experts_cpu=stats["experts_cpu"])  # over the prompts
         if mode == "offload" and stats["prefetch_guesses"]:  # no guesses: no precision to show, not 0
             r.update(prefetch_precision=stats["prefetch_precision"], prefetch_recall=stats["prefetch_recall"])
     for key in ("dtype", "device_map"):
