@@ -16,7 +16,7 @@ from ..plan.predict import decode_rate, time_decode, trace_hit_rate
 from .mode import OURS
 from .roofline import blob_bandwidth
 
-DISK_SAMPLE = 256 << 20  # bytes of cold blob reads before each mode: a second or less
+DISK_SAMPLE = 1 << 30  # bytes of cold blob reads before each mode (the roofline's size): about a second
 
 
 class Forecast:
