@@ -181,11 +181,19 @@ def _chat_ids(tokenizer, prompt: str):
 def _generate(model, tokenizer, prompt: str, new_tokens: int) -> list[int]:
     import torch
 
-    ids = _chat_ids(tokenizer, prompt).to(model.device)
+    ids = _chat_ids(tokenizer, prompt).to(_input_device(model))
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                              min_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
     return out[0, ids.shape[1]:].tolist()
+
+
+def _input_device(model):
+    """Where the token ids go: the model's device, except accelerate's disk offload, which reports the
+    meta device of its offloaded weights and takes ids on the CPU."""
+    import torch
+
+    return torch.device("cpu") if model.device.type == "meta" else model.device
 
 
 def _long_prefill(model, tokenizer, prompts: list[str]) -> None:
@@ -193,7 +201,7 @@ def _long_prefill(model, tokenizer, prompts: list[str]) -> None:
     import torch
 
     ids = tokenizer(" ".join(prompts), return_tensors="pt")["input_ids"][0]
-    ids = ids.repeat(LONG_PREFILL // len(ids) + 1)[:LONG_PREFILL].unsqueeze(0).to(model.device)
+    ids = ids.repeat(LONG_PREFILL // len(ids) + 1)[:LONG_PREFILL].unsqueeze(0).to(_input_device(model))
     with torch.no_grad():
         model(input_ids=ids, use_cache=False)
 

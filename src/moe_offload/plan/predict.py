@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from ..errors import MoeOffloadError
 from ..store import DENSE_FILE, Store
 
-TIMING_PROMPT = "And it came to pass"  # any text: the timed decode only needs tokens to follow it
+TIMING_PROMPT = "Tell me a story."  # any text: the timed decode only needs tokens to follow it
 
 RUNTIME_BYTES = 400 << 20  # python + torch + transformers + tokenizer, measured RSS of a loaded tiny store ~350 MiB
 
@@ -72,12 +72,14 @@ class Timing:
     steps: object  # routing.Steps of a second, traced run of the same prompt
 
 
-def time_decode(store: Store, tokens: int = 24, prompt: str = TIMING_PROMPT) -> Timing:
-    """Seconds per decode token with every expert resident (nothing read after warm-up); then the
-    same generation again under the trace recorder, whose hooks must not be in the timing."""
+def time_decode(store: Store, tokens: int = 64, prompt: str = TIMING_PROMPT) -> Timing:
+    """Seconds per decode token with every expert resident (nothing read after warm-up), for a chat
+    turn when the tokenizer has a template (the common use); then the same generation again under
+    the trace recorder, whose hooks must not be in the timing."""
+    import torch
     from transformers import AutoTokenizer
 
-    from ..engine import SamplingParams, generate_text
+    from ..engine import chat_prompt_ids
     from ..model import load
     from ..routing import Steps
     from ..routing.recorder import TraceRecorder
@@ -85,17 +87,24 @@ def time_decode(store: Store, tokens: int = 24, prompt: str = TIMING_PROMPT) -> 
     model = load(store.path, experts_per_layer=store.num_experts, prefetch=0)
     try:
         tok = AutoTokenizer.from_pretrained(store.path, local_files_only=True)
-        ids = tok(prompt).input_ids
-        generate_text(model, tok, ids, SamplingParams(max_new_tokens=4))  # loads every expert it touches
+        ids = torch.tensor([chat_prompt_ids(tok, [{"role": "user", "content": prompt}]) if tok.chat_template
+                            else tok(prompt).input_ids])
+
+        def generate(n: int) -> None:  # exactly n tokens, greedy: an early end-of-sequence would time nothing
+            with torch.inference_mode():
+                model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                               do_sample=False, pad_token_id=tok.pad_token_id or tok.eos_token_id)
+
+        generate(4)  # loads every expert it touches
         for layer in store.moe_layers:  # and the rest, so the timed run reads nothing
             list(model.offload_runtime.cache.stream(layer, range(store.num_experts)))
         stats = model.offload_stats()
         stats.reset()
-        generate_text(model, tok, ids, SamplingParams(max_new_tokens=tokens))
+        generate(tokens)
         d = stats.as_dict()
         recorder = TraceRecorder(model, depth=1)
         try:
-            generate_text(model, tok, ids, SamplingParams(max_new_tokens=tokens))
+            generate(tokens)
         finally:
             recorder.close()
         steps = Steps(recorder.trace({}))
@@ -104,7 +113,7 @@ def time_decode(store: Store, tokens: int = 24, prompt: str = TIMING_PROMPT) -> 
         model.close()
 
 
-def measure_compute(store: Store, tokens: int = 24) -> float:
+def measure_compute(store: Store, tokens: int = 64) -> float:
     """Seconds per decode token with every expert resident."""
     return time_decode(store, tokens).seconds_per_token
 
@@ -145,7 +154,7 @@ def plan(store_path, ram: int, *, disk_read: float | None = None, trace=None, me
         hit, source = trace_hit_rate(trace, slots), f"LRU on trace {trace}"
     elif timing is not None:
         hit, source = (trace_hit_rate(timing.steps, slots),
-                       f"LRU on the timed run's own routing ({timing.tokens} tokens after {timing.prompt!r})")
+                       f"LRU on the timed run's own routing ({timing.tokens} tokens answering {timing.prompt!r})")
     else:
         hit, source = slots / E, "slots / experts (no trace: routing without locality)"
     misses, read, tps = decode_rate(store, hit, compute, disk_read)
