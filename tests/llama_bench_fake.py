@@ -22,6 +22,11 @@ if {exit_code}:
     print("llama_model_load: error loading model", file=sys.stderr)
     sys.exit({exit_code})
 n_prompt, n_gen, reps = int(opt("-p", "512")), int(opt("-n", "128")), int(opt("-r", "5"))
+if {crash_prefill} and n_prompt:
+    import os
+    print("ggml_abort: GGML_ASSERT failed", file=sys.stderr)
+    sys.stderr.flush()
+    os.abort()
 print("load_backend: loaded CPU backend", file=sys.stderr)
 tests = [(n_prompt, 0, {pp}), (0, n_gen, {tg})]
 sys.stdout.write("[\\n")
@@ -54,13 +59,14 @@ sys.stdout.write("\\n]\\n")
 '''
 
 
-def write_fake_llama_bench(folder, pp=150.5, tg=24.25, alloc_mb=0, exit_code=0) -> tuple[Path, Path]:
+def write_fake_llama_bench(folder, pp=150.5, tg=24.25, alloc_mb=0, exit_code=0, crash_prefill=False) -> tuple[Path, Path]:
     """A llama-bench in folder; returns (its path, the file each call's arguments are appended to)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path, log = folder / "llama-bench", folder / "llama-bench.calls"
     path.write_text(textwrap.dedent(SCRIPT).format(python=sys.executable, log=str(log), pp=pp, tg=tg,
-                                                   alloc_mb=alloc_mb, exit_code=exit_code))
+                                                   alloc_mb=alloc_mb, exit_code=exit_code,
+                                                   crash_prefill=crash_prefill))
     path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
     return path, log
 

@@ -115,7 +115,7 @@ def test_table_is_printed(tiny_run):
     for label in ("decode / llama.cpp", "decode tok/s", "hit rate", "prefetch precision", "MiB read from disk", "% of roofline",
                   "peak RSS MiB", "stall s"):
         assert f"| {label}" in proc.stdout, label
-    assert "roofline: RAM read" in proc.stdout and "targets (issue #4)" in proc.stdout
+    assert "roofline: RAM read" in proc.stdout and "targets (issue #4; llama.cpp and memory limits: issue #11)" in proc.stdout
     assert "conversion at 4-bit experts" in proc.stdout and "min (goal <= 10 min)" in proc.stdout
 
 

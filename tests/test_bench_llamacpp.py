@@ -8,8 +8,7 @@ from conftest import run_cli
 from llama_bench_fake import write_fake_llama_bench
 from moe_offload import bench
 from moe_offload.bench.cgroup import KILLED_OOM
-from moe_offload.bench.llamacpp import (LLAMACPP, LlamaBenchFailed, add_ratios, find_llama_bench,
-                                        parse_llama_bench_json, run_llamacpp)
+from moe_offload.bench.llamacpp import LLAMACPP, add_ratios, find_llama_bench, parse_llama_bench_json, run_llamacpp
 from moe_offload.bench.run import failed_result
 from moe_offload.cli import main
 from moe_offload.errors import MoeOffloadError
@@ -44,11 +43,18 @@ def test_output_cut_short_keeps_the_complete_tests():
         parse_llama_bench_json("error: failed to load model")
 
 
-def test_a_failing_llama_bench_says_how(tmp_path):
+def test_a_failing_llama_bench_says_how_and_the_other_test_still_counts(tmp_path):
     binary, _ = write_fake_llama_bench(tmp_path, exit_code=3)
-    with pytest.raises(LlamaBenchFailed, match="(?s)llama-bench .prefill. failed with exit status 3.*error loading model") as e:
-        run_llamacpp(_spec(binary))
-    assert e.value.returncode == 3
+    r = run_llamacpp(_spec(binary))  # llama.cpp runs last: its failure must not lose the other columns
+    assert r["failed"] == "failed (exit status 3)" and r["decode_tokens_per_s"] is None
+    assert "error loading model" in r["llama_bench"]["failed"]["prefill"]["stderr_tail"]
+    binary, _ = write_fake_llama_bench(tmp_path / "crash", crash_prefill=True)  # e.g. a repacked prompt path crash
+    r = run_llamacpp(_spec(binary))
+    assert "failed" not in r and r["decode_tokens_per_s"] == pytest.approx(24.25) and r["long_prefill_tokens_per_s"] is None
+    assert r["cell_notes"] == {"long_prefill_tokens_per_s": "failed (exit status -6)"}
+    assert "GGML_ASSERT" in r["llama_bench"]["failed"]["prefill"]["stderr_tail"]
+    row = next(line for line in bench.format_table({"modes": {LLAMACPP: r}}).splitlines() if "128 tokens" in line)
+    assert "failed (exit status -6)" in row
 
 
 def test_missing_llama_bench_gives_a_clear_error(tmp_path, monkeypatch, capsys):

@@ -13,6 +13,7 @@ import os
 import shlex
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -81,38 +82,56 @@ def _test(tests: list[dict], phase: str) -> dict | None:
     return None
 
 
-def run_llamacpp(spec: dict, progress=None, wrap=None, before_each=None) -> dict:
+def run_llamacpp(spec: dict, progress=None, wrap=None, before_each=None, oom_kills=None) -> dict:
     """Run llama-bench's prefill and decode tests on the GGUF; returns the llamacpp column.
 
     spec: binary, gguf, threads, n_prompt, n_gen, repetitions, extra_args. wrap(cmd) -> cmd starts
     the command somewhere else (a memory cgroup); before_each() runs before each invocation (drop the
-    GGUF's pages). A failed invocation raises LlamaBenchFailed, with its exit status."""
+    GGUF's pages); oom_kills() counts the out-of-memory kills there. A test that fails leaves its
+    number out and says why in the column (llama.cpp runs last: its failure must not lose the
+    others' numbers); if both fail, the column is a failure."""
+    from ..errors import MoeOffloadError
+    from .cgroup import KILLED_OOM
+
     commands = llama_bench_commands(spec["binary"], spec["gguf"], spec["threads"], spec["n_prompt"], spec["n_gen"],
                                     spec.get("repetitions", REPETITIONS), spec.get("extra_args"))
-    tests, peaks, seconds = {}, [], {}
+    tests, failed, peaks, seconds = {}, {}, [], {}
     for phase, cmd in commands.items():
         if before_each:
             before_each()
+        kills = oom_kills() if oom_kills else 0
         started = time.perf_counter()
         out, err, status, peak = _run(wrap(cmd) if wrap else cmd)
         seconds[phase] = round(time.perf_counter() - started, 2)
         peaks.append(peak)
+        test, why = None, None
         if status != 0:
-            raise LlamaBenchFailed(phase, cmd, status, err)
-        test = _test(parse_llama_bench_json(out), phase)
-        if test is None:
-            raise LlamaBenchFailed(phase, cmd, status, f"no {phase} test in its output:\n{out[-2000:]}")
-        tests[phase] = test
+            killed = oom_kills is not None and oom_kills() > kills
+            why = KILLED_OOM if killed else f"failed (exit status {status})"
+        else:
+            try:
+                test = _test(parse_llama_bench_json(out), phase)
+                why = None if test else f"failed (no {phase} test in its output)"
+            except MoeOffloadError as e:
+                why = f"failed ({e})"
+        if why:
+            tail = "\n".join(err.strip().splitlines()[-15:])
+            failed[phase] = {"status": why, "returncode": status, "stderr_tail": tail}
+            print(f"llama-bench ({phase}) {why}: {shlex.join(cmd)}\n{tail}", file=sys.stderr)
+        else:
+            tests[phase] = test
         if progress:
             progress({"mode": LLAMACPP, "what": phase})
-    return llamacpp_result(tests, commands, max(peaks), seconds)
+    return llamacpp_result(tests, commands, max(peaks), seconds, failed)
 
 
 def llamacpp_result(tests: dict[str, dict], commands: dict[str, list[str]], peak_rss: int | None = None,
-                    seconds: dict | None = None) -> dict:
-    """The column: tokens/s where our modes have them, None where llama-bench has no equivalent."""
+                    seconds: dict | None = None, failed: dict | None = None) -> dict:
+    """The column: tokens/s where our modes have them, None where llama-bench has no equivalent (or
+    its test failed: then `cell_notes` says why, in that row's cell)."""
     pp, tg = tests.get("prefill"), tests.get("decode")
-    return {
+    failed = failed or {}
+    r = {
         "decode_tokens_per_s": round(tg["avg_ts"], 3) if tg else None,
         "decode_tokens": tg["n_gen"] * len(tg.get("samples_ts") or [0]) if tg else 0,
         "prefill_tokens_per_s": None,  # llama-bench has no chat prompts' prefill, only its pp test
@@ -120,15 +139,13 @@ def llamacpp_result(tests: dict[str, dict], commands: dict[str, list[str]], peak
         "peak_rss_bytes": peak_rss,
         "tokens": [],
         "llama_bench": {"commands": {k: shlex.join(v) for k, v in commands.items()},
-                        "seconds": seconds or {}, "tests": tests},
+                        "seconds": seconds or {}, "tests": tests, "failed": failed},
     }
-
-
-class LlamaBenchFailed(Exception):
-    def __init__(self, phase: str, cmd: list[str], returncode: int, stderr: str):
-        self.phase, self.cmd, self.returncode = phase, cmd, returncode
-        tail = "\n".join(stderr.strip().splitlines()[-15:])
-        super().__init__(f"llama-bench ({phase}) failed with exit status {returncode}: {shlex.join(cmd)}\n{tail}")
+    if failed and not tests:  # nothing measured: the column is the failure (the decode's, if they differ)
+        r["failed"] = (failed.get("decode") or next(iter(failed.values())))["status"]
+    elif failed:
+        r["cell_notes"] = {RATIO_KEYS[phase]: f["status"] for phase, f in failed.items()}
+    return r
 
 
 def _run(cmd: list[str]) -> tuple[str, str, int, int]:

@@ -42,7 +42,8 @@ def _cells(r: dict) -> list[str]:
     """A mode's column; one that did not finish says why in its first cell."""
     if r.get("failed"):
         return [r["failed"]] + ["-"] * (len(ROWS) - 1)
-    return [fmt(r.get(key)) for _, key, fmt in ROWS]
+    notes = r.get("cell_notes") or {}
+    return [notes.get(key) or fmt(r.get(key)) for _, key, fmt in ROWS]
 
 
 def format_table(results: dict) -> str:

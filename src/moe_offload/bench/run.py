@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .cgroup import KILLED_OOM, CgroupError, MemoryCgroup, check_available
 from .compare import _compare_tokens, targets
-from .llamacpp import LLAMACPP, LlamaBenchFailed, add_ratios, gguf_info, run_llamacpp
+from .llamacpp import LLAMACPP, add_ratios, gguf_info, run_llamacpp
 from .mode import HF_MODES, LONG_PREFILL, PROMPTS, run_mode
 from .roofline import blob_bandwidth, disk_bandwidth, ram_bandwidth, roofline_for
 from .system import drop_page_cache
@@ -133,13 +133,13 @@ def _run_one(mode: str, spec: dict, llama_spec: dict | None, progress, in_proces
     wrap = cg.wrap if cg is not None else None
     try:
         if mode == LLAMACPP:
-            result = run_llamacpp(llama_spec, progress, wrap=wrap,
-                                  before_each=lambda: drop_page_cache(llama_spec["gguf"]))
+            result = run_llamacpp(llama_spec, progress, wrap=wrap, before_each=lambda: drop_page_cache(llama_spec["gguf"]),
+                                  oom_kills=cg.oom_kills if cg is not None else None)
         elif in_process:
             result = run_mode(spec, progress)
         else:
             result = run_mode_subprocess(spec, progress, wrap=wrap)
-    except (ModeFailed, LlamaBenchFailed) as e:
+    except ModeFailed as e:
         if cg is not None and cg.killed_by_oom(e.returncode):
             print(f"{mode}: {KILLED_OOM} in a {cg.limit_bytes / 1e9:.2f} GB memory cgroup", file=sys.stderr)
             result = failed_result(KILLED_OOM)
