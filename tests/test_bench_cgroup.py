@@ -92,3 +92,34 @@ def test_a_cgroup_that_cannot_be_made_says_why(monkeypatch, tmp_path):
     monkeypatch.setattr(cgroup_module, "find_parent", lambda: (1, tmp_path / "gone"))  # mkdir of a child fails
     with pytest.raises(CgroupError, match="cannot create a child memory cgroup in .*gone"):
         MemoryCgroup.create(LIMIT)
+
+
+def test_a_mode_killed_in_the_long_prefill_keeps_its_prompts_numbers(monkeypatch):
+    """The worker reports its numbers after the prompts; killed in the long prefill, they still show."""
+    from moe_offload.bench import run as run_module
+
+    partial = {"decode_tokens_per_s": 5.5, "prefill_tokens_per_s": 30.0, "long_prefill_tokens_per_s": 0.0,
+               "tokens": [[1, 2]], "decode_tokens": 2}
+
+    def killed(spec, progress, wrap=None):
+        raise run_module.ModeFailed("mode offload failed (exit code -9)", -9, partial)
+
+    class KillingCgroup:
+        limit_bytes = LIMIT
+        wrap = staticmethod(lambda cmd: cmd)
+        killed_by_oom = staticmethod(lambda returncode: returncode == -9)
+        peak_bytes = staticmethod(lambda: LIMIT)
+        oom_kills = staticmethod(lambda: 1)
+
+    monkeypatch.setattr(run_module, "run_mode_subprocess", killed)
+    r = _run_one("offload", {"mode": "offload"}, None, None, False, KillingCgroup())
+    assert r["incomplete"] == KILLED_OOM and r["decode_tokens_per_s"] == 5.5 and r["long_prefill_tokens_per_s"] is None
+    assert "failed" not in r and r["cgroup_oom_kills"] == 1
+    lines = bench.format_table({"modes": {"offload": r}}).splitlines()
+    assert "5.50" in next(line for line in lines if line.startswith("| decode tok/s"))
+    assert KILLED_OOM in next(line for line in lines if "(128 tokens)" in line)
+    partial_gone = dict(partial)
+    monkeypatch.setattr(run_module, "run_mode_subprocess",
+                        lambda spec, progress, wrap=None: (_ for _ in ()).throw(run_module.ModeFailed("x", -9, None)))
+    assert _run_one("offload", {"mode": "offload"}, None, None, False, KillingCgroup())["failed"] == KILLED_OOM
+    assert partial_gone == partial

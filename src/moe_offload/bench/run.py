@@ -70,7 +70,7 @@ def run_bench(store: Path, source: Path | None, modes: list[str], *, explicit_mo
             bar.set_description(mode)
             drop_page_cache(*files)
             spec = dict(spec_base, mode=mode)
-            progress = lambda event: bar.update(1)  # noqa: E731
+            progress = lambda event: "partial" in event or bar.update(1)  # noqa: E731  (a partial result is no step)
             cg = MemoryCgroup.create(cgroup_limit, mode) if cgroup_limit else None
             try:
                 results[mode] = _run_one(mode, spec, llama_spec, progress, in_process, cg)
@@ -86,7 +86,7 @@ def run_bench(store: Path, source: Path | None, modes: list[str], *, explicit_mo
         r.update(roofline_for(r, roofline))
     _compare_tokens(measured)
     add_ratios(results)
-    ran = {m: r for m, r in results.items() if not r.get("failed")}
+    ran = {m: r for m, r in results.items() if not r.get("failed") and not r.get("incomplete")}
     return {
         "moe_offload_version": __version__,
         "store": str(st.path), "source": str(source) if source else None, "shape": shape,
@@ -141,8 +141,9 @@ def _run_one(mode: str, spec: dict, llama_spec: dict | None, progress, in_proces
             result = run_mode_subprocess(spec, progress, wrap=wrap)
     except ModeFailed as e:
         if cg is not None and cg.killed_by_oom(e.returncode):
-            print(f"{mode}: {KILLED_OOM} in a {cg.limit_bytes / 1e9:.2f} GB memory cgroup", file=sys.stderr)
-            result = failed_result(KILLED_OOM)
+            print(f"{mode}: {KILLED_OOM} in a {cg.limit_bytes / 1e9:.2f} GB memory cgroup"
+                  + (" in the long prefill, after the prompts" if e.partial else ""), file=sys.stderr)
+            result = failed_result(KILLED_OOM) if e.partial is None else killed_in_long_prefill(e.partial)
         else:
             raise MoeOffloadError(str(e)) from None
     if cg is not None:
@@ -157,10 +158,16 @@ def failed_result(why: str) -> dict:
             "long_prefill_tokens_per_s": None, "peak_rss_bytes": None}
 
 
+def killed_in_long_prefill(partial: dict) -> dict:
+    """The column of a mode killed after its prompts: their numbers, and the long prefill's cell says so."""
+    return dict(partial, incomplete=KILLED_OOM, long_prefill_tokens_per_s=None,
+                cell_notes={"long_prefill_tokens_per_s": KILLED_OOM})
+
+
 class ModeFailed(Exception):
-    def __init__(self, message: str, returncode: int | None):
+    def __init__(self, message: str, returncode: int | None, partial: dict | None = None):
         super().__init__(message)
-        self.returncode = returncode
+        self.returncode, self.partial = returncode, partial
 
 
 def _recorded_source(st) -> Path | None:
@@ -208,10 +215,12 @@ def run_mode_subprocess(spec: dict, progress, wrap=None) -> dict:
         cmd = wrap(cmd)
     with tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
-        result, error = None, None
+        result, error, partial = None, None, None
         for line in proc.stdout:
             event = json.loads(line)
-            if event["event"] == "step":
+            if event["event"] == "step" and "partial" in event:
+                partial = event["partial"]
+            elif event["event"] == "step":
                 progress(event)
             elif event["event"] == "result":
                 result = event["result"]
@@ -223,7 +232,8 @@ def run_mode_subprocess(spec: dict, progress, wrap=None) -> dict:
         if proc.returncode != 0 or result is None:
             err.seek(0)
             tail = "".join(err.readlines()[-20:])
-            raise ModeFailed(f"mode {spec['mode']} failed (exit code {proc.returncode}):\n{tail}", proc.returncode)
+            raise ModeFailed(f"mode {spec['mode']} failed (exit code {proc.returncode}):\n{tail}", proc.returncode,
+                             partial)
     return result
 
 
