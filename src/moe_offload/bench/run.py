@@ -13,6 +13,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from ..errors import MoeOffloadError
 from .cgroup import KILLED_OOM, CgroupError, MemoryCgroup, check_available
 from .compare import _compare_tokens, targets
 from .llamacpp import LLAMACPP, add_ratios, gguf_info, run_llamacpp
@@ -164,7 +165,10 @@ def killed_in_long_prefill(partial: dict) -> dict:
                 cell_notes={"long_prefill_tokens_per_s": KILLED_OOM})
 
 
-class ModeFailed(Exception):
+class ModeFailed(MoeOffloadError):
+    """A mode's process ended without its result: its exit status (-signal), and the numbers it
+    reported after its prompts, if it got that far."""
+
     def __init__(self, message: str, returncode: int | None, partial: dict | None = None):
         super().__init__(message)
         self.returncode, self.partial = returncode, partial
