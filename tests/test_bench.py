@@ -5,6 +5,7 @@ import json
 import pytest
 
 from conftest import run_cli
+from llama_bench_fake import write_fake_llama_bench
 from moe_offload import bench
 from moe_offload.cli import main
 from moe_offload.errors import MoeOffloadError
@@ -28,17 +29,25 @@ def tiny_run(tmp_path_factory):
     """One bench run on --shape tiny, every mode in this process (one fresh CLI process in all)."""
     root = tmp_path_factory.mktemp("bench")
     out = root / "bench.json"
+    llama_bench, _ = write_fake_llama_bench(root / "llama.cpp")  # --gguf adds its column (test_bench_llamacpp.py)
+    (root / "model.gguf").write_bytes(b"GGUF")
     # Three of four experts per layer: with top-2 routing a guess always has a slot it may take.
     proc = run_cli("bench", "--shape", "tiny", "--dir", root / "models", "--modes", ",".join(MODES),
-                   "--experts-per-layer", 3, "--prompts", PROMPTS, "--max-new-tokens", NEW_TOKENS, "--in-process", "--json", out)
+                   "--experts-per-layer", 3, "--prompts", PROMPTS, "--max-new-tokens", NEW_TOKENS, "--in-process", "--json", out,
+                   "--gguf", root / "model.gguf", "--llama-bench", llama_bench)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc, json.loads(out.read_text()), root
 
 
 def test_json_has_every_mode_and_the_documented_keys(tiny_run):
     _, result, _ = tiny_run
-    assert list(result["modes"]) == MODES
+    assert list(result["modes"]) == MODES + ["llamacpp"]
     for mode, r in result["modes"].items():
+        if mode == "llamacpp":
+            assert r["decode_tokens_per_s"] > 0 and r["llama_bench"]["tests"]["decode"]["n_gen"] == NEW_TOKENS
+            continue
+        assert r["llamacpp_decode_ratio"] == pytest.approx(r["decode_tokens_per_s"] / result["modes"]["llamacpp"]
+                                                           ["decode_tokens_per_s"], rel=1e-2), mode
         assert MODE_KEYS <= set(r), (mode, MODE_KEYS - set(r))
         assert [len(t) for t in r["tokens"]] == [NEW_TOKENS] * PROMPTS, mode  # exactly N tokens per prompt
         assert r["decode_tokens"] == PROMPTS * (NEW_TOKENS - 1), mode  # the first token comes from the prefill
@@ -121,11 +130,11 @@ def test_plan_is_predicted_for_our_modes_before_they_run(tiny_run):
 def test_table_is_printed(tiny_run):
     proc, result, _ = tiny_run
     header = next(line for line in proc.stdout.splitlines() if line.startswith("|") and "resident" in line)
-    assert all(mode in header for mode in MODES)
-    for label in ("decode tok/s", "hit rate", "prefetch precision", "MiB read from disk", "% of roofline",
+    assert all(mode in header for mode in MODES + ["llamacpp"])
+    for label in ("decode / llama.cpp", "decode tok/s", "hit rate", "prefetch precision", "MiB read from disk", "% of roofline",
                   "peak RSS MiB", "stall s", "plan decode tok/s", "measured / plan"):
         assert f"| {label}" in proc.stdout, label
-    assert "roofline: RAM read" in proc.stdout and "targets (issue #4)" in proc.stdout
+    assert "roofline: RAM read" in proc.stdout and "targets (issue #4; llama.cpp and memory limits: issue #11)" in proc.stdout
     assert "conversion at 4-bit experts" in proc.stdout and "min (goal <= 10 min)" in proc.stdout
 
 

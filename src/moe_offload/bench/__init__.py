@@ -7,6 +7,8 @@
   compare.py   tokens equal to the references', the issue's targets
   system.py    page cache, disk reads, peak RSS (/proc)
   report.py    the table, the text report, the plot
+  llamacpp.py  --gguf: llama.cpp's llama-bench on a GGUF of the model, as one more column
+  cgroup.py    --memory-limit: each mode in a child memory cgroup (v1 or v2), out-of-memory kills
 """
 from .cli import add_parser, cmd_bench, parse_modes, prepare_shape
 from .compare import targets

@@ -21,7 +21,7 @@ def add_parser(sub) -> None:
         "its own process with a cold page cache, and print prefill/decode tokens/s, peak RSS, cache hit "
         "rate, prefetch precision/recall, bytes read from disk and stall time, next to a roofline built from "
         "the measured RAM and disk bandwidth.",
-        epilog="Modes: " + ", ".join(MODES) + ". Example: moe-offload bench --shape quarter --json bench.json")
+        epilog="Modes: " + ", ".join(MODES) + ", and llamacpp with --gguf. Example: moe-offload bench --shape quarter --json bench.json")
     p.add_argument("store", nargs="?", help="a store made by `moe-offload convert` (or use --shape)")
     p.add_argument("--shape", choices=["tiny", "small", "quarter", "qwen3-quarter"],
                    help="build a random model of this shape (quarter = Mixtral-8x7B at a quarter of its width; "
@@ -45,16 +45,44 @@ def add_parser(sub) -> None:
                    "but peak RSS then also holds what earlier modes left behind")
     p.add_argument("--no-plan", action="store_true", help="skip the prediction of each mode's decode speed "
                    "(moe-offload plan's model) that is printed next to the measured one")
+    p.add_argument("--gguf", metavar="FILE", help="a GGUF of the same model: adds a llamacpp column, llama.cpp's "
+                   "own llama-bench on FILE with the same thread count, a prompt of the long prefill's length "
+                   "and --max-new-tokens generated tokens, and each mode's ratio to it")
+    p.add_argument("--llama-bench", metavar="PATH", help="the llama-bench binary for --gguf (default: the one on "
+                   "PATH)")
+    p.add_argument("--llama-bench-args", metavar="ARGS", default="", help="more arguments for llama-bench, "
+                   "one string, e.g. '--repack 0' or '-r 5' (they come last, so they win)")
+    p.add_argument("--memory-limit", metavar="SIZE", help="run every mode (llama.cpp too) in a memory cgroup "
+                   "of SIZE, e.g. 1.5GB, page cache counted: a child of this process's cgroup (v1 or v2; "
+                   "fails clearly where the system does not allow it). A mode killed for memory is reported "
+                   "as such and the others still run")
     p.add_argument("--json", metavar="FILE", help="write every number to FILE")
     p.add_argument("--plot", metavar="FILE.png", help="draw bars per mode into FILE.png (needs matplotlib)")
     p.set_defaults(func=cmd_bench)
 
 
 def cmd_bench(args) -> None:
+    import shlex
+
+    from ..config import parse_size
     from ..options import load_kwargs
     from ..errors import MoeOffloadError
+    from .llamacpp import LLAMACPP, find_llama_bench
 
     modes = parse_modes(args.modes)
+    llamacpp = None
+    if args.gguf:
+        if not Path(args.gguf).is_file():
+            raise MoeOffloadError(f"--gguf {args.gguf}: no such file")
+        llamacpp = dict(binary=find_llama_bench(args.llama_bench), gguf=args.gguf,
+                        extra_args=shlex.split(args.llama_bench_args))
+        if LLAMACPP not in modes:
+            modes.append(LLAMACPP)
+    elif LLAMACPP in modes:
+        raise MoeOffloadError("the llamacpp mode needs a GGUF of the model: pass --gguf FILE")
+    elif args.llama_bench or args.llama_bench_args:
+        raise MoeOffloadError("--llama-bench and --llama-bench-args go with --gguf FILE")
+    cgroup_limit = parse_size(args.memory_limit) if args.memory_limit else None
     if args.plot:
         _require_matplotlib()
     if args.prompts < 1 or args.prompts > len(PROMPTS):
@@ -76,6 +104,7 @@ def cmd_bench(args) -> None:
     results = run_bench(store, source, modes, explicit_modes=args.modes is not None, prompts=args.prompts,
                         max_new_tokens=args.max_new_tokens, accelerate_tokens=args.accelerate_tokens,
                         load_kwargs=load_kwargs(args), in_process=args.in_process, shape=args.shape,
+                        llamacpp=llamacpp, cgroup_limit=cgroup_limit,
                         forecast=not args.no_plan)
     print(format_report(results))
     if args.json:
@@ -91,10 +120,13 @@ def parse_modes(given: list[str] | None) -> list[str]:
 
     if not given:
         return list(MODES)
+    from .llamacpp import LLAMACPP
+
     modes = [m.strip() for item in given for m in item.split(",") if m.strip()]
-    unknown = [m for m in modes if m not in MODES]
+    unknown = [m for m in modes if m not in (*MODES, LLAMACPP)]
     if unknown or not modes:
-        raise MoeOffloadError(f"unknown mode {', '.join(unknown) or '(none)'}: choose from {', '.join(MODES)}")
+        raise MoeOffloadError(f"unknown mode {', '.join(unknown) or '(none)'}: choose from {', '.join(MODES)} "
+                              f"(and {LLAMACPP}, with --gguf)")
     return list(dict.fromkeys(modes))  # keep the order, drop repeats
 
 

@@ -19,9 +19,10 @@ def _compare_tokens(results: dict) -> None:
             r[f"match_{ref}"] = round(same / total, 4) if total else None
 
 
-def targets(results: dict, manifest: dict | None = None) -> list[dict]:
-    """The issue's targets, from this run's numbers (only those whose modes ran), and the store's
-    conversion time as its manifest recorded it."""
+def targets(results: dict, manifest: dict | None = None, memory_limited: bool = False) -> list[dict]:
+    """The issues' targets, from this run's numbers (only those whose modes ran), and the store's
+    conversion time as its manifest recorded it. With llama.cpp in the run, issue #11's ratios to it
+    (under a memory limit: offload decode >= 2x llama.cpp's)."""
     out = []
 
     def ratio(a: str, b: str, key: str = "decode_tokens_per_s"):
@@ -43,6 +44,13 @@ def targets(results: dict, manifest: dict | None = None) -> list[dict]:
         if mode in results and results[mode]["decode_tokens_per_s"]:
             add(f"{mode} prefill ({LONG_PREFILL} tokens) / decode",
                 results[mode]["long_prefill_tokens_per_s"] / results[mode]["decode_tokens_per_s"], 10.0)
+    if "llamacpp" in results:
+        if not memory_limited:
+            add("resident decode / llama.cpp decode", ratio("resident", "llamacpp"), 1.0)
+            add(f"resident prefill / llama.cpp prefill ({LONG_PREFILL} tokens)",
+                ratio("resident", "llamacpp", "long_prefill_tokens_per_s"), 1.0)
+        else:
+            add("offload decode / llama.cpp decode under the memory limit", ratio("offload", "llamacpp"), 2.0)
     if manifest and manifest.get("convert_seconds") is not None and manifest["quant"]["expert_bits"] == 4:
         workers = manifest.get("convert_workers", 1)
         add(f"conversion at 4-bit experts ({workers} worker(s), "

@@ -78,6 +78,9 @@ def run_mode(spec: dict, progress) -> dict:
                 progress({"mode": mode, "what": "prompt"})
             stats = info["stats"].as_dict() if info.get("stats") is not None else None
             run_peak = _peak_rss()
+            # the numbers so far, in case the long prefill does not finish (killed under a memory limit)
+            progress({"mode": mode, "what": "prompts measured", "partial": _mode_result(
+                mode, clock, stats, tokens, info, load_seconds, max(load_peak, run_peak), run_peak)})
 
             clock.phase = "long_prefill"
             _long_prefill(model, tokenizer, spec["prompts"])

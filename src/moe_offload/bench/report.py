@@ -35,14 +35,26 @@ ROWS = [  # label, key, format
     ("measured / plan", "measured_over_plan", _num("{:.2f}")),
     ("tokens = transformers", "match_transformers", _num("{:.2f}")),
     ("tokens = resident", "match_resident", _num("{:.2f}")),
+    ("decode / llama.cpp", "llamacpp_decode_ratio", _num("{:.2f}x")),
+    (f"prefill ({LONG_PREFILL}) / llama.cpp", "llamacpp_prefill_ratio", _num("{:.2f}x")),
+    ("peak MiB in the cgroup", "cgroup_peak_bytes", _mib),
 ]
+
+
+def _cells(r: dict) -> list[str]:
+    """A mode's column; one that did not finish says why in its first cell."""
+    if r.get("failed"):
+        return [r["failed"]] + ["-"] * (len(ROWS) - 1)
+    notes = r.get("cell_notes") or {}
+    return [notes.get(key) or fmt(r.get(key)) for _, key, fmt in ROWS]
 
 
 def format_table(results: dict) -> str:
     """A Markdown table (readable as is in a terminal): one row per metric, one column per mode."""
     modes = results["modes"]
-    rows = [(label, [fmt(r.get(key)) for r in modes.values()]) for label, key, fmt in ROWS
-            if any(key in r for r in modes.values())]
+    columns = [_cells(r) for r in modes.values()]
+    rows = [(label, [col[i] for col in columns]) for i, (label, key, _) in enumerate(ROWS)
+            if i == 0 or any(key in r for r in modes.values())]
     header = ["", *modes]
     widths = [max(len(header[0]), *(len(label) for label, _ in rows))]
     widths += [max(len(m), *(len(vals[i]) for _, vals in rows)) for i, m in enumerate(modes)]
@@ -72,6 +84,18 @@ def format_report(results: dict) -> str:
         f"{roof['disk_bytes_per_s'] / 1e9:.2f} GB/s (the better of a cold sequential read of experts.bin, "
         f"{roof['disk_sequential_bytes_per_s'] / 1e9:.2f}, and cold expert blobs in random order on the loader's "
         f"threads, {roof['disk_blob_bytes_per_s'] / 1e9:.2f})",
+    ]
+    cg, llama = s.get("memory_cgroup"), s.get("llamacpp")
+    if cg:
+        lines.append(f"every mode in its own memory cgroup (v{cg['cgroup_version']}) limited to "
+                     f"{cg['limit_bytes'] / 1e9:.2f} GB ({format_size(cg['limit_bytes'])}), page cache counted, "
+                     f"swap {'capped too' if cg['swap_limited'] else 'not capped (the kernel does not let us)'}")
+    if llama:
+        lines.append(f"llamacpp: llama.cpp's llama-bench on {llama['gguf']['path']} "
+                     f"({format_size(llama['gguf']['bytes'] or 0)}), {llama['threads']} threads, pp{llama['n_prompt']} "
+                     f"(the {LONG_PREFILL}-token prefill row) and tg{llama['n_gen']} (decode), "
+                     f"{llama['repetitions']} repetitions{' ' + ' '.join(llama['extra_args']) if llama['extra_args'] else ''}")
+    lines += [
         "",
         format_table(results),
         "",
@@ -85,7 +109,7 @@ def format_report(results: dict) -> str:
                   "expert resident, plus the misses the simulator expects on that run's routing at each mode's "
                   "cache size, read at the blob bandwidth measured again just before the mode (prefetch off: offload = lru-only)."]
     if results["targets"]:
-        lines += ["", "targets (issue #4):"]
+        lines += ["", "targets (issue #4" + ("; llama.cpp and memory limits: issue #11" if llama or cg else "") + "):"]
         for t in results["targets"]:
             if t["unit"] == "min":
                 value, goal = f"{t['value']:.1f} min", f"<= {t['goal']:g} min"
