@@ -6,6 +6,7 @@ import sys
 
 from .engine import SamplingParams, chat_prompt_ids, generate_text
 from .model import load
+from .options import announce_cache
 
 
 def generate_once(store: str | os.PathLike, prompt: str, *, chat: bool = False, max_new_tokens: int = 64,
@@ -15,6 +16,7 @@ def generate_once(store: str | os.PathLike, prompt: str, *, chat: bool = False, 
     from transformers import AutoTokenizer
 
     model = load(store, **load_kwargs)  # first: it checks the store and says what is wrong with it
+    announce_cache(model)
     try:
         tokenizer = AutoTokenizer.from_pretrained(store, local_files_only=True)
         if chat:
