@@ -18,8 +18,10 @@ from .errors import MoeOffloadError
 
 MiB = 2**20
 # What the process adds beyond the dense part and the cache while it runs. Measured on the quarter
-# store (32k vocabulary, 32 layers): ~20 MiB over a short generate; a first prompt of 128 tokens
-# loads the int4 unpacker and oneDNN's bf16 matmuls (~80 MiB); the fp32 KV cache takes 64 KiB a token.
+# store (32k vocabulary, 32 layers): ~23 MiB over a short generate; a first prompt of 32 tokens or
+# more loads numba's int4 unpacker (54 MiB) and builds oneDNN's bf16 matmuls (~12 MiB), and its
+# unpacked weights and activations come on top: 196 MiB at the peak of a 238-token prompt, which
+# this reserve and the margin together cover. The fp32 KV cache takes 64 KiB a token there.
 RUNTIME_RESERVE = 160 * MiB
 SAFETY_FRACTION = 0.05  # of the available memory, kept free on top of the reserve
 NO_LIMIT = 1 << 60  # cgroup v1 writes "no limit" as a number near 2**63
