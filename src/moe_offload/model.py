@@ -76,7 +76,7 @@ class QuantLinear(nn.Module):
 class StoredEmbedding(nn.Module):
     """The input embedding table at its stored width (bf16 in every quantized store), mapped from the
     store's file where it can be: only the rows a step looks up are read into memory (a 32k x 1024
-    table was 131 MiB in fp32). Looked-up rows are cast to the model's dtype, which gives the same
+    table was 125 MiB in fp32). Looked-up rows are cast to the model's dtype, which gives the same
     values as casting the table first. `weight` is a buffer, not a parameter: transformers takes a
     model's dtype from its first floating-point parameter, and this one is narrower."""
 
