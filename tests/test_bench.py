@@ -59,6 +59,18 @@ def test_json_has_every_mode_and_the_documented_keys(tiny_run):
     assert result["settings"]["isolation"] == "in-process"
 
 
+def test_our_modes_split_their_memory(tiny_run):
+    _, result, _ = tiny_run
+    split_keys = ("memory_baseline_bytes", "memory_dense_bytes", "memory_cache_bytes", "memory_rest_bytes")
+    for mode, r in result["modes"].items():
+        if mode in bench.OURS:
+            assert all(r[k] >= 0 for k in split_keys) and r["memory_baseline_bytes"] > 0, mode
+            assert sum(r[k] for k in split_keys) <= r["peak_rss_bytes"] + 2**20, mode
+        else:
+            assert not set(split_keys) & set(r), mode
+    assert "run peak: dense part MiB" in tiny_run[0].stdout
+
+
 def test_cache_numbers_are_consistent(tiny_run):
     _, result, _ = tiny_run
     modes = result["modes"]

@@ -419,6 +419,8 @@ def test_metrics_in_prometheus_format(server, engine, client):
             assert f"moe_offload_{metric}" in samples
     for tier in stats.get("bytes_read", {}):
         assert f'moe_offload_bytes_read_total{{tier="{tier}"}}' in samples
+    for part in ("libraries", "dense", "expert_cache", "rest"):
+        assert f'moe_offload_memory_bytes{{part="{part}"}}' in samples
 
 
 def test_schemathesis_finds_no_server_error(server):

@@ -49,7 +49,7 @@ class OffloadConfig:
     """Where experts are computed and how many of them the cache holds."""
 
     device: str = "cpu"
-    expert_cache: int | str | None = None  # bytes, or a size such as "2GiB"
+    expert_cache: int | str | None = None  # bytes, a size such as "2GiB", or "auto" (model.load)
     experts_per_layer: int | None = None  # the other way to give the budget
     prefetch: int = 2  # experts guessed per upcoming layer; 0 turns speculation off
     lookahead: int = 1  # how many layers ahead to guess
@@ -68,8 +68,12 @@ class OffloadConfig:
         if self.device != "cpu" and not self.device.startswith("cuda"):
             raise MoeOffloadError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
 
+    def auto_budget(self) -> bool:
+        return isinstance(self.expert_cache, str) and self.expert_cache.strip().lower() == "auto"
+
     def budget_bytes(self) -> int | None:
-        return None if self.expert_cache is None else parse_size(self.expert_cache)
+        """The explicit byte budget; None when none is given or it is "auto"."""
+        return None if self.expert_cache is None or self.auto_budget() else parse_size(self.expert_cache)
 
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2, "mib": 1024**2,

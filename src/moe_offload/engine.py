@@ -281,9 +281,10 @@ def load_model(args):
     import moe_offload
     from transformers import AutoTokenizer
 
-    from .options import load_kwargs
+    from .options import announce_cache, load_kwargs
 
     model = moe_offload.load(args.store, **load_kwargs(args))  # checks the store, says what is wrong
+    announce_cache(model)
     try:
         tokenizer = AutoTokenizer.from_pretrained(args.store, local_files_only=True)
     except BaseException:

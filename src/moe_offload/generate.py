@@ -4,8 +4,10 @@ from __future__ import annotations
 import os
 import sys
 
+from . import kernels_int4pack
 from .engine import SamplingParams, chat_prompt_ids, generate_text
 from .model import load
+from .options import announce_cache
 
 
 def generate_once(store: str | os.PathLike, prompt: str, *, chat: bool = False, max_new_tokens: int = 64,
@@ -15,12 +17,15 @@ def generate_once(store: str | os.PathLike, prompt: str, *, chat: bool = False, 
     from transformers import AutoTokenizer
 
     model = load(store, **load_kwargs)  # first: it checks the store and says what is wrong with it
+    announce_cache(model)
     try:
         tokenizer = AutoTokenizer.from_pretrained(store, local_files_only=True)
         if chat:
             ids = chat_prompt_ids(tokenizer, [{"role": "user", "content": prompt}])
         else:
             ids = tokenizer(prompt).input_ids
+        if len(ids) >= kernels_int4pack.PREFILL_ROWS:
+            model.offload_warm_up()  # the prefill kernels this prompt will use: built before it is timed
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
         on_text = (lambda delta: print(delta, end="", flush=True)) if stream else None
         result = generate_text(model, tokenizer, ids, params, on_text=on_text)

@@ -7,15 +7,18 @@ anywhere else.
 """
 from __future__ import annotations
 
+import json
 import math
+import mmap
 import os
 import time
 from types import MethodType
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from . import kernels, kernels_int4pack, moe, tiers
+from . import kernels, kernels_int4pack, memory, moe, tiers
 from .archs import MoeSpec, build_meta_model, describe
 from .cache import ExpertCache
 from .config import OffloadConfig, format_size, parse_size
@@ -70,6 +73,28 @@ class QuantLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, {self.meta['fmt']} {self.meta['bits']}-bit"
 
 
+class StoredEmbedding(nn.Module):
+    """The input embedding table at its stored width (bf16 in every quantized store), mapped from the
+    store's file where it can be: only the rows a step looks up are read into memory (a 32k x 1024
+    table was 125 MiB in fp32). Looked-up rows are cast to the model's dtype, which gives the same
+    values as casting the table first. `weight` is a buffer, not a parameter: transformers takes a
+    model's dtype from its first floating-point parameter, and this one is narrower."""
+
+    def __init__(self, weight: torch.Tensor, dtype: torch.dtype, padding_idx: int | None = None,
+                 mapped: bool = False):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = weight.shape
+        self.padding_idx, self.out_dtype, self.mapped = padding_idx, dtype, mapped
+        self.register_buffer("weight", weight)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight, self.padding_idx).to(self.out_dtype)
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_embeddings}, {self.embedding_dim}, stored {str(self.weight.dtype).removeprefix('torch.')}"
+                f"{', mapped from the store' if self.mapped else ''}")
+
+
 class OffloadRuntime:
     """What the offloaded model owns besides its modules: store, loader, cache, prefetcher, stats."""
 
@@ -86,6 +111,8 @@ class OffloadRuntime:
 
 def slots_per_pool(store: Store, cfg: OffloadConfig) -> int:
     layers, experts, top_k, blob = store.num_layers, store.num_experts, store.top_k, store.blob_size
+    if cfg.auto_budget():
+        return auto_slots_per_pool(store, cfg)[0]
     budget = cfg.budget_bytes()
     pools = layers if cfg.cache_scope == "layer" else 1
     if cfg.experts_per_layer is not None:
@@ -105,15 +132,29 @@ def slots_per_pool(store: Store, cfg: OffloadConfig) -> int:
     return min(per_pool, experts if pools > 1 else experts * layers)
 
 
+def auto_slots_per_pool(store: Store, cfg: OffloadConfig, loaded: bool = False) -> tuple[int, str]:
+    """`expert_cache="auto"`: slots per pool from the memory available now (memory.py), and the
+    sentence saying what was chosen. `loaded`: the dense part is already in memory (load() sizes the
+    cache after it); otherwise its stored size is counted as still to come."""
+    available = memory.available_memory()
+    still_needed = memory.RUNTIME_RESERVE + (0 if loaded else store.manifest["dense_file_size"])
+    pools = store.num_layers if cfg.cache_scope == "layer" else 1
+    return memory.auto_cache_slots(available.bytes, still_needed, store.blob_size, experts=store.num_experts,
+                                   top_k=store.top_k, pools=pools, layers=store.num_layers, source=available.source)
+
+
 def load(store: str | os.PathLike, *, device: str = "cpu", expert_cache: int | str | None = None,
          experts_per_layer: int | None = None, prefetch: int = 2, lookahead: int = 1, policy: str = "lru",
          cache_scope: str = "layer", dtype: torch.dtype = torch.float32,
          host_cache: int | str | None = None, _tier_costs: tiers.TierCosts | None = None):
     """Load a store as a transformers PreTrainedModel whose experts are offloaded.
 
-    `expert_cache` is the byte budget of the expert cache (int or "2GiB"), `experts_per_layer` the
-    other way to say it; by default the cache holds a quarter of the experts. The returned model
-    has `offload_stats()` and `close()` besides everything transformers gives.
+    `expert_cache` is the byte budget of the expert cache (int or "2GiB"), or "auto": as many experts
+    as the memory available now allows (the cgroup limit or MemAvailable, less the dense part, a
+    runtime reserve and a margin; memory.py), which is what the command line does by default.
+    `experts_per_layer` is the other way to give a budget. With neither, the cache holds a quarter of
+    the experts: the same on every machine, whatever else the calling process will allocate. The
+    returned model has `offload_stats()` and `close()` besides everything transformers gives.
 
     `device="cuda"` puts the dense part, the KV cache and the expert slots (`expert_cache`: the VRAM
     budget) on the GPU, with a pinned host-RAM cache of `host_cache` bytes in front of the disk
@@ -133,29 +174,41 @@ def load(store: str | os.PathLike, *, device: str = "cpu", expert_cache: int | s
     if uses_int4pack and st.manifest["int4pack_layout"] != int4pack_layout_id():
         raise MoeOffloadError(f"{st.path} was converted on a CPU whose int4 weight layout differs from this one's; "
                               "run `moe-offload convert` again on this machine")
-    per_pool = slots_per_pool(st, cfg)
+    auto = cfg.auto_budget()
+    per_pool = None if auto else slots_per_pool(st, cfg)  # a budget below the minimum fails here, before loading
     model = build_meta_model(config, moe.IMPLEMENTATION, dtype)
     spec = describe(model)
     if spec.moe_layers != st.moe_layers or spec.num_experts != st.num_experts:
         raise MoeOffloadError(f"{st.path} does not match its own config.json (MoE layers or experts differ): "
                               "convert again")
-    if uses_int4pack:
-        kernels_int4pack.warm_up(int4pack_shapes)  # the first long prompt would pay for it otherwise
 
     stats = OffloadStats(st.moe_layers)
     loader, transport = _tiers(st, stats, device, host_cache)
-    cache = ExpertCache(st.moe_layers, per_pool, st.blob_size, loader, stats, cfg.cache_scope, st.layout.views,
-                         cfg.policy, **({"allocate": transport.allocate_device} if transport else {}))
-    prefetcher = _prefetcher(model, spec, cache, stats, cfg) if cfg.prefetch else None
-    runtime = OffloadRuntime(st, cache, loader, prefetcher, stats)
+    runtime = OffloadRuntime(st, None, loader, None, stats)  # the cache comes once the dense part is in
     runtime.device = device
-    for layer in spec.layers:
-        moe.attach(model.get_submodule(layer.experts), layer.index, runtime, spec.expert_params)
-    _swap_quantized_linears(model, st.manifest["dense_linears"])
-    _load_dense(model, st, dtype)
-    _rebuild_meta_buffers(model)
-    model.tie_weights()
-    _check_no_meta(model)
+    try:
+        for layer in spec.layers:
+            moe.attach(model.get_submodule(layer.experts), layer.index, runtime, spec.expert_params)
+        _swap_quantized_linears(model, st.manifest["dense_linears"])
+        release_free_heap()
+        baseline = memory.rss_bytes()  # torch, transformers, the other libraries: before the model's tensors
+        _load_dense(model, st, dtype)
+        _rebuild_meta_buffers(model)
+        model.tie_weights()
+        _check_no_meta(model)
+        release_free_heap()
+        dense, mapped = memory.module_bytes(model)
+        if auto:  # sized now, from what is really left once the dense part is in memory
+            per_pool, stats.cache_choice = auto_slots_per_pool(st, cfg, loaded=True)
+        runtime.cache = ExpertCache(st.moe_layers, per_pool, st.blob_size, loader, stats, cfg.cache_scope,
+                                    st.layout.views, cfg.policy,
+                                    **({"allocate": transport.allocate_device} if transport else {}))
+        runtime.prefetcher = _prefetcher(model, spec, runtime.cache, stats, cfg) if cfg.prefetch else None
+    except BaseException:
+        loader.close()
+        raise
+    stats.memory = dict(baseline_bytes=baseline, dense_bytes=dense, dense_mapped_bytes=mapped,
+                        cache_bytes=runtime.cache.buffer.numel())
     if device != "cpu":
         model.to(device)
     first_experts = model.get_submodule(spec.layers[0].experts)._offload
@@ -170,7 +223,22 @@ def load(store: str | os.PathLike, *, device: str = "cpu", expert_cache: int | s
     model.offload_spec = spec
     model.offload_stats = MethodType(lambda self: self.offload_runtime.stats, model)
     model.close = MethodType(lambda self: self.offload_runtime.close(), model)
+    # Prefill kernels (numba's int4 unpacker, oneDNN's bf16 matmuls: ~140 MiB) are built on first use,
+    # not here: a run whose prompts stay short never pays for them. Long-lived callers that want the
+    # first long prompt to be fast call this once (bench does, in its warm-up).
+    model.offload_warm_up = MethodType(lambda self: kernels_int4pack.warm_up(int4pack_shapes), model)
     return model
+
+
+def release_free_heap() -> None:
+    """Hand the heap that loading freed (safetensors copies, casts) back to the system: glibc keeps
+    freed memory in its arenas, where it still counts as this process's RSS."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _prefetcher(model, spec: MoeSpec, cache, stats, cfg) -> Prefetcher | None:
@@ -224,9 +292,13 @@ def _swap_quantized_linears(model: nn.Module, dense_linears: dict) -> None:
 def _load_dense(model: nn.Module, st: Store, dtype: torch.dtype) -> None:
     from safetensors import safe_open
 
+    embed_weight = _compact_embedding_name(model)
     with safe_open(st.path / DENSE_FILE, "pt") as f:
         for name in f.keys():
             module_name, _, attr = name.rpartition(".")
+            if name == embed_weight:
+                _set_stored_embedding(model, module_name, st.path / DENSE_FILE, name, f, dtype)
+                continue
             try:
                 module = model.get_submodule(module_name)
             except AttributeError:
@@ -238,6 +310,55 @@ def _load_dense(model: nn.Module, st: Store, dtype: torch.dtype) -> None:
                 module._parameters[attr] = nn.Parameter(t.to(dtype), requires_grad=False)
             else:
                 module._buffers[attr] = t.to(dtype) if t.is_floating_point() else t
+
+
+def _compact_embedding_name(model: nn.Module) -> str | None:
+    """The input embedding's weight name if it can stay at its stored width: a plain nn.Embedding
+    (families with their own embedding class, e.g. a scaled one, keep it) that no output layer shares."""
+    embed = model.get_input_embeddings()
+    if type(embed) is not nn.Embedding or embed.max_norm is not None:
+        return None
+    text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    if getattr(text_config, "tie_word_embeddings", False) and not isinstance(model.get_output_embeddings(), QuantLinear):
+        return None  # a tied lm_head multiplies by this table in the model's dtype
+    return next((f"{n}.weight" for n, m in model.named_modules() if m is embed), None)
+
+
+def _set_stored_embedding(model: nn.Module, module_name: str, path, name: str, f, dtype: torch.dtype) -> None:
+    old = model.get_submodule(module_name)
+    weight = _map_tensor(path, name)
+    mapped = weight is not None
+    if not mapped:
+        weight = f.get_tensor(name)
+    if not weight.is_floating_point():
+        weight = weight.to(dtype)
+    parent_name, _, attr = module_name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, StoredEmbedding(weight, dtype, old.padding_idx, mapped))
+
+
+_SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+
+
+def _map_tensor(path, name: str) -> torch.Tensor | None:
+    """One tensor of a safetensors file, mapped copy-on-write: pages are read on first touch and,
+    being the file's, can be dropped again under memory pressure. None if it cannot be mapped."""
+    try:
+        with open(path, "rb") as f:
+            header_size = int.from_bytes(f.read(8), "little")
+            info = json.loads(f.read(header_size)).get(name)
+            dtype = _SAFETENSORS_DTYPES.get(info["dtype"]) if info else None
+            if dtype is None:
+                return None
+            start, end = info["data_offsets"]
+            offset = 8 + header_size + start
+            size = dtype.itemsize
+            if offset % size or (end - start) % size or end == start:
+                return None
+            mem = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # the tensor keeps the mapping alive
+        return torch.frombuffer(mem, dtype=dtype, count=(end - start) // size, offset=offset).reshape(info["shape"])
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def _rebuild_meta_buffers(model: nn.Module) -> None:

@@ -8,10 +8,36 @@ clamped SwiGLU) and post-expert norm still apply, while the weights come from th
 """
 from __future__ import annotations
 
-import torch
-from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, _default_apply_gate
+import sys
+from importlib.util import find_spec
 
-from . import kernels, kernels_layer
+import torch
+
+
+def _import_cache_utils_without_hqq() -> None:
+    """transformers' cache_utils imports hqq whenever hqq is installed (ours is a test dependency: the
+    oracle of quant.hqq_codes), for an HQQ-quantized KV cache we never use; hqq in turn imports
+    torch._inductor: ~25 MiB of resident memory and ~0.5 s in every process that loads a model.
+    Import cache_utils first with transformers believing hqq absent; the flag is restored right
+    after, so transformers' HqqConfig still sees hqq (only cache_utils' HQQ KV cache stays off
+    in a process that imported moe_offload before it)."""
+    if "transformers.cache_utils" in sys.modules or find_spec("hqq") is None:
+        return
+    import transformers.utils as utils
+
+    original = utils.is_hqq_available
+    utils.is_hqq_available = lambda *args, **kwargs: False
+    try:
+        import transformers.cache_utils  # noqa: F401
+    finally:
+        utils.is_hqq_available = original
+
+
+_import_cache_utils_without_hqq()
+
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, _default_apply_gate  # noqa: E402
+
+from . import kernels, kernels_layer  # noqa: E402
 
 IMPLEMENTATION = "moe_offload"
 

@@ -5,11 +5,15 @@ from __future__ import annotations
 import argparse
 
 
-def add_budget_args(p: argparse.ArgumentParser) -> None:
-    """The cache and prefetch options shared by generate, chat, serve and bench."""
+def add_budget_args(p: argparse.ArgumentParser, auto: bool = True) -> None:
+    """The cache and prefetch options shared by generate, chat, serve and bench. `auto`: the cache
+    defaults to --expert-cache auto; bench passes False, its modes compare fixed budgets."""
     budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--expert-cache", metavar="SIZE", help="byte budget of the expert cache, e.g. 2GiB "
-                        "(default: a quarter of the experts)")
+    budget.add_argument("--expert-cache", metavar="SIZE", default="auto" if auto else None,
+                        help="byte budget of the expert cache, e.g. 2GiB, or auto: as many experts as the memory "
+                        "available allows (the memory cgroup's limit or MemAvailable, less the dense part, a "
+                        "runtime reserve and a 5%% margin; the choice is printed) " +
+                        ("(default auto)" if auto else "(default: a quarter of the experts)"))
     budget.add_argument("--experts-per-layer", type=int, metavar="K", help="experts cached per layer")
     p.add_argument("--prefetch", type=int, default=2, metavar="K",
                    help="experts guessed ahead per layer; 0 turns speculative loading off (default 2)")
@@ -26,7 +30,9 @@ def add_budget_args(p: argparse.ArgumentParser) -> None:
 
 
 def load_kwargs(args) -> dict:
-    return dict(expert_cache=args.expert_cache, experts_per_layer=args.experts_per_layer,
+    # --experts-per-layer replaces the default auto budget (argparse's mutual exclusion only sees given flags)
+    expert_cache = None if args.experts_per_layer is not None and args.expert_cache == "auto" else args.expert_cache
+    return dict(expert_cache=expert_cache, experts_per_layer=args.experts_per_layer,
                 prefetch=args.prefetch, lookahead=args.lookahead, cache_scope=args.cache_scope,
                 policy=getattr(args, "policy", "lru"), **_tier_kwargs(args))
 
@@ -39,3 +45,12 @@ def _tier_kwargs(args) -> dict:
     if getattr(args, "host_cache", None) is not None:
         out["host_cache"] = args.host_cache
     return out
+
+
+def announce_cache(model) -> None:
+    """Say on stderr how `--expert-cache auto` sized the cache (nothing for explicit budgets)."""
+    import sys
+
+    choice = model.offload_stats().cache_choice
+    if choice:
+        print(choice, file=sys.stderr, flush=True)

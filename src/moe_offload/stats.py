@@ -5,15 +5,23 @@ import threading
 from collections import defaultdict
 
 
-def peak_rss_bytes() -> int:
-    """Peak resident set size of this process (VmHWM; reset by OffloadStats.reset where allowed)."""
+def _status_bytes(field: str) -> int:
+    """A size field of /proc/self/status in bytes; 0 where there is none."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
+    return 0
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process (VmHWM; reset by OffloadStats.reset where allowed)."""
+    peak = _status_bytes("VmHWM")
+    if peak:
+        return peak
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -31,6 +39,10 @@ class OffloadStats:
         self.host_slots = 0  # set by the host tier (tiers.HostCache) when there is one
         self._lock = threading.Lock()
         self.resident = lambda: 0  # set by the cache: how many experts are resident now
+        # Set by load(): the process's memory before the model's tensors (torch, transformers and the
+        # other libraries), the dense part's tensors, the expert cache's slots; and how the cache was sized.
+        self.memory: dict[str, int] = {}
+        self.cache_choice = ""
         self.reset()
 
     def reset(self) -> None:
@@ -105,6 +117,8 @@ class OffloadStats:
                 "peak_rss_bytes": peak_rss_bytes(),
                 "resident_experts": self.resident(),
                 "cache_slots": self.cache_slots,
+                "memory": self.memory_split(),
+                "expert_cache_choice": self.cache_choice,
                 **self._tier_dict(),
             }
 
@@ -114,6 +128,20 @@ class OffloadStats:
         return {"host_slots": self.host_slots, "host_hits": self.host_hits, "host_misses": self.host_misses,
                 "host_evictions": self.host_evictions, "host_prefetch_loads": self.host_prefetch_loads,
                 "bytes_to_device": self.bytes_to_device, "experts_cpu": self.experts_cpu}
+
+    def memory_split(self) -> dict[str, int]:
+        """Peak RSS split into the libraries' baseline, the dense part, the expert cache and the rest
+        (activations, KV cache, kernels built at run time, allocator slack): bytes."""
+        if not self.memory:
+            return {}
+        peak = peak_rss_bytes()
+        split = dict(self.memory)
+        # The slots are one shared anonymous mapping: its pages count once a read has touched them.
+        touched = _status_bytes("RssShmem")
+        split["cache_resident_bytes"] = min(split["cache_bytes"], touched) if touched else split["cache_bytes"]
+        split["rest_bytes"] = max(0, peak - split["baseline_bytes"] - split["dense_bytes"] - split["cache_resident_bytes"])
+        split["peak_rss_bytes"] = peak
+        return split
 
     def summary(self) -> str:
         """A few readable lines for the terminal."""
@@ -129,9 +157,20 @@ class OffloadStats:
              "prefetch: no guesses (off, or the cache never had a slot a guess could take)"),
             f"read {read / 2**20:.1f} MiB in {d['loads']} loads, stalled {d['stall_seconds']:.3f} s, "
             f"peak RSS {d['peak_rss_bytes'] / 2**20:.0f} MiB",
-        ] + ([f"host tier: {d['host_hits']} hits, {d['host_misses']} misses, {d['host_evictions']} evictions in "
-              f"{d['host_slots']} slots; {d['bytes_to_device'] / 2**20:.1f} MiB to the device, "
-              f"{d['experts_cpu']} experts computed on the CPU"] if "host_slots" in d else []))
+            *([_memory_line(d["memory"])] if d["memory"] else []),
+            *([d["expert_cache_choice"]] if d["expert_cache_choice"] else []),
+            *([f"host tier: {d['host_hits']} hits, {d['host_misses']} misses, {d['host_evictions']} evictions in "
+               f"{d['host_slots']} slots; {d['bytes_to_device'] / 2**20:.1f} MiB to the device, "
+               f"{d['experts_cpu']} experts computed on the CPU"] if "host_slots" in d else []),
+        ])
+
+
+def _memory_line(m: dict) -> str:
+    mib = lambda key: f"{m[key] / 2**20:.0f}"  # noqa: E731
+    mapped = f" (+{mib('dense_mapped_bytes')} mapped from the store)" if m.get("dense_mapped_bytes") else ""
+    return (f"memory: peak RSS {mib('peak_rss_bytes')} MiB = libraries {mib('baseline_bytes')} + dense part "
+            f"{mib('dense_bytes')}{mapped} + expert cache {mib('cache_resident_bytes')} (of {mib('cache_bytes')}) + rest "
+            f"{mib('rest_bytes')}")
 
 
 def _rate(n: float, seconds: float) -> float:

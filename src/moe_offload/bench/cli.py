@@ -40,7 +40,7 @@ def add_parser(sub) -> None:
     p.add_argument("--accelerate-tokens", type=int, default=8, metavar="N",
                    help="tokens per prompt in accelerate mode, which reads every offloaded weight for every token "
                    "(default 8)")
-    add_budget_args(p)
+    add_budget_args(p, auto=False)  # the modes compare fixed budgets (default: a quarter of the experts)
     p.add_argument("--in-process", action="store_true", help="run every mode in this process: faster to start, "
                    "but peak RSS then also holds what earlier modes left behind")
     p.add_argument("--no-plan", action="store_true", help="skip the prediction of each mode's decode speed "

@@ -62,6 +62,8 @@ def run_mode(spec: dict, progress) -> dict:
             new_tokens = spec["accelerate_tokens"] if mode == "accelerate" else spec["max_new_tokens"]
 
             clock.phase = "warmup"  # first calls pay for lazy initialisation: keep them out of the numbers
+            if hasattr(model, "offload_warm_up"):
+                model.offload_warm_up()  # the prefill kernels load() leaves to first use: the long prefill is timed
             _generate(model, tokenizer, WARMUP_PROMPT, 2)
             if mode == "resident":
                 _load_all_experts(model)
@@ -279,6 +281,10 @@ def _mode_result(mode, clock: PhaseClock, stats, tokens, info, load_seconds, pea
                  stall_seconds=stats["stall_seconds"], offload_stats=stats, load_options=info["options"])
         if "bytes_to_device" in stats:  # a host tier (bench --device cuda, or --host-cache)
             r.update(pcie_bytes=stats["bytes_to_device"], experts_cpu=stats["experts_cpu"])  # over the prompts
+        split = stats.get("memory") or {}
+        if split:  # the prompts' peak RSS split: libraries, dense part, the cache's touched slots, the rest
+            r.update(memory_baseline_bytes=split["baseline_bytes"], memory_dense_bytes=split["dense_bytes"],
+                     memory_cache_bytes=split["cache_resident_bytes"], memory_rest_bytes=split["rest_bytes"])
         if mode == "offload" and stats["prefetch_guesses"]:  # no guesses: no precision to show, not 0
             r.update(prefetch_precision=stats["prefetch_precision"], prefetch_recall=stats["prefetch_recall"])
     for key in ("dtype", "device_map"):

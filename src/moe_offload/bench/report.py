@@ -20,6 +20,10 @@ ROWS = [  # label, key, format
     (f"prefill tok/s ({LONG_PREFILL} tokens)", "long_prefill_tokens_per_s", _num("{:.1f}")),
     ("tokens decoded", "decode_tokens", _num("{}")),
     ("peak RSS MiB", "peak_rss_bytes", _mib),
+    ("  run peak: libraries MiB", "memory_baseline_bytes", _mib),  # the split of the prompts' peak RSS
+    ("  run peak: dense part MiB", "memory_dense_bytes", _mib),
+    ("  run peak: expert cache MiB", "memory_cache_bytes", _mib),
+    ("  run peak: rest MiB", "memory_rest_bytes", _mib),
     ("hit rate", "hit_rate", _num("{:.3f}")),
     ("prefetch precision", "prefetch_precision", _num("{:.3f}")),
     ("prefetch recall", "prefetch_recall", _num("{:.3f}")),

@@ -49,6 +49,12 @@ def prometheus_text(engine: Engine, settings: ServerSettings) -> str:
     if isinstance(stats.get("bytes_read"), dict):
         metric("bytes_read_total", "counter", "Bytes of experts read, by tier they came from.",
                [(f'{{tier="{tier}"}}', n) for tier, n in sorted(stats["bytes_read"].items())])
+    split = stats.get("memory")
+    if isinstance(split, dict) and split:
+        metric("memory_bytes", "gauge", "Peak RSS split: libraries, dense part, expert cache (touched slots), rest.",
+               [(f'{{part="{part}"}}', split[key]) for part, key in (
+                   ("libraries", "baseline_bytes"), ("dense", "dense_bytes"), ("expert_cache", "cache_resident_bytes"),
+                   ("rest", "rest_bytes"))])
     return "\n".join(lines) + "\n"
 
 
