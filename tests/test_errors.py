@@ -152,14 +152,19 @@ def test_interrupted_convert_leaves_no_store(tiny_src, tmp_path, monkeypatch):
         moe_offload.load(tmp_path / "store")
 
 
-def test_killed_convert_leaves_no_store(tiny_src, tmp_path):
+def test_killed_convert_leaves_no_store(tmp_path):
     """A conversion killed from outside (no cleanup runs) leaves only a hidden partial folder."""
     import signal
     import subprocess
     import sys
     import time
 
-    proc = subprocess.Popen([sys.executable, "-m", "moe_offload", "convert", str(tiny_src), str(tmp_path / "store"),
+    from moe_offload.synthetic import SHAPES, build_random_mixtral
+
+    # 256 experts (~2 s to convert): the kill lands while experts are written, however fast the machine
+    src = build_random_mixtral(tmp_path / "src", dict(SHAPES["tiny"], num_local_experts=64, num_hidden_layers=4,
+                                                      intermediate_size=512), seed=1, tokenizer=False)
+    proc = subprocess.Popen([sys.executable, "-m", "moe_offload", "convert", str(src), str(tmp_path / "store"),
                              "--expert-bits", "2"], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and not list(tmp_path.glob(".store.partial-*/experts.bin")):
