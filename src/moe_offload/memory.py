@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .config import format_size
 from .errors import MoeOffloadError
+from .stats import status_bytes
 
 MiB = 2**20
 # What the process adds beyond the dense part and the cache while it runs. Measured on the quarter
@@ -37,18 +38,7 @@ class Available:
 
 def rss_bytes() -> int:
     """The current resident set size of this process (VmRSS)."""
-    return _status_field("VmRSS")
-
-
-def _status_field(name: str) -> int:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(name + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    return status_bytes("VmRSS")
 
 
 def room_in(limit: int, usage: int, reclaimable: int = 0) -> int:

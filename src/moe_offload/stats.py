@@ -5,7 +5,7 @@ import threading
 from collections import defaultdict
 
 
-def _status_bytes(field: str) -> int:
+def status_bytes(field: str) -> int:
     """A size field of /proc/self/status in bytes; 0 where there is none."""
     try:
         with open("/proc/self/status") as f:
@@ -19,7 +19,7 @@ def _status_bytes(field: str) -> int:
 
 def peak_rss_bytes() -> int:
     """Peak resident set size of this process (VmHWM; reset by OffloadStats.reset where allowed)."""
-    peak = _status_bytes("VmHWM")
+    peak = status_bytes("VmHWM")
     if peak:
         return peak
     import resource
@@ -137,7 +137,7 @@ class OffloadStats:
         peak = peak_rss_bytes()
         split = dict(self.memory)
         # The slots are one shared anonymous mapping: its pages count once a read has touched them.
-        touched = _status_bytes("RssShmem")
+        touched = status_bytes("RssShmem")
         split["cache_resident_bytes"] = min(split["cache_bytes"], touched) if touched else split["cache_bytes"]
         split["rest_bytes"] = max(0, peak - split["baseline_bytes"] - split["dense_bytes"] - split["cache_resident_bytes"])
         split["peak_rss_bytes"] = peak
