@@ -175,6 +175,9 @@ def load(store: str | os.PathLike, *, device: str = "cpu", expert_cache: int | s
         raise MoeOffloadError(f"{st.path} was converted on a CPU whose int4 weight layout differs from this one's; "
                               "run `moe-offload convert` again on this machine")
     auto = cfg.auto_budget()
+    if auto and device != "cpu":  # auto reads host memory; a GPU's slots need the VRAM budget given
+        raise MoeOffloadError(f"expert_cache='auto' sizes the cache from host RAM; with device {device!r} give the "
+                              "VRAM budget: --expert-cache SIZE (expert_cache=...) or --experts-per-layer K")
     per_pool = None if auto else slots_per_pool(st, cfg)  # a budget below the minimum fails here, before loading
     model = build_meta_model(config, moe.IMPLEMENTATION, dtype)
     spec = describe(model)
