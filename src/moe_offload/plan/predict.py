@@ -113,11 +113,6 @@ def time_decode(store: Store, tokens: int = 64, prompt: str = TIMING_PROMPT) -> 
         model.close()
 
 
-def measure_compute(store: Store, tokens: int = 64) -> float:
-    """Seconds per decode token with every expert resident."""
-    return time_decode(store, tokens).seconds_per_token
-
-
 def decode_rate(store: Store, hit_rate: float, compute: float, disk_read: float) -> tuple[float, float, float]:
     """(expert reads per token, read seconds per token, tokens/s): compute plus the misses' reads."""
     misses = (1 - hit_rate) * store.top_k * len(store.moe_layers)
