@@ -87,8 +87,8 @@ def disk_bandwidth(path: Path, limit: int = 1 << 30, chunk: int = 16 << 20) -> f
 def blob_bandwidth(store, limit: int = 1 << 30) -> float:
     """Bytes/s of cold reads of whole expert blobs the way decoding misses them and the loader reads
     them (its threads, O_DIRECT where allowed): what a mode that misses the cache can hope for.
-    The order is a decode's: layer after layer through the file, top-k random experts of each.
-    Random order over the whole file measured 0.6x of that here (README, "Planning")."""
+    The order is a decode's: layer after layer through the file, top-k random experts of each
+    (random order over the whole file measured about the same here, within the disk's drift)."""
     import threading
 
     from ..loader import DiskLoader, aligned_buffer

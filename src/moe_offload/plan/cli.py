@@ -33,8 +33,9 @@ def add_parser(sub) -> None:
     p = sub.add_parser("plan", help="predict whether a store fits a RAM budget, its cache size, hit rate and tokens/s",
                        description="Predict from the store's byte counts and measured bandwidths: whether the "
                        "model fits in --ram, how many experts per layer the cache gets, the expected hit rate "
-                       "(from a trace if given) and decode tokens/s. Measures the disk's blob-read bandwidth "
-                       "(unless --disk-read) and times a short decode with every expert resident.")
+                       "(from a trace if given, else from the routing of the timed decode) and decode tokens/s. Measures "
+                       "the disk's blob-read bandwidth (unless --disk-read) and times a 64-token chat turn with every "
+                       "expert resident.")
     p.add_argument("store")
     p.add_argument("--ram", required=True, help="memory for the whole process, e.g. 8GiB")
     p.add_argument("--disk-read", metavar="SPEED", help="disk read bandwidth per second, e.g. 2GB (default: measured)")
