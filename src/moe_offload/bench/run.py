@@ -38,7 +38,6 @@ def run_bench(store: Path, source: Path | None, modes: list[str], *, explicit_mo
     from tqdm.auto import tqdm
 
     from .. import __version__
-    from ..errors import MoeOffloadError
     from ..store import EXPERTS_FILE, Store
 
     st = Store.open(store)
@@ -124,7 +123,6 @@ def run_bench(store: Path, source: Path | None, modes: list[str], *, explicit_mo
 def _check_cgroup(limit: int | None, in_process: bool) -> dict | None:
     """Whether every mode can run in a memory cgroup of this size: the settings to record, or a clear
     error (never a silent run without the limit)."""
-    from ..errors import MoeOffloadError
 
     if not limit:
         return None
@@ -142,7 +140,6 @@ def _check_cgroup(limit: int | None, in_process: bool) -> dict | None:
 def _run_one(mode: str, spec: dict, llama_spec: dict | None, progress, in_process: bool,
              cg: MemoryCgroup | None) -> dict:
     """One mode's result; under a memory limit, a mode the OOM killer ended is a result too."""
-    from ..errors import MoeOffloadError
 
     wrap = cg.wrap if cg is not None else None
     try:
@@ -194,7 +191,6 @@ def _recorded_source(st) -> Path | None:
 
 def _check_source(modes: list[str], source: Path | None, explicit: bool) -> list[str]:
     """The accelerate and transformers modes need the source checkpoint; skip them if it is gone."""
-    from ..errors import MoeOffloadError
 
     need = [m for m in modes if m in HF_MODES]
     if not need or (source and (source / "config.json").is_file()):
@@ -226,7 +222,6 @@ def cache_slots_per_pool(st, load_kwargs: dict) -> int:
 def run_mode_subprocess(spec: dict, progress, wrap=None) -> dict:
     """Run one mode in a fresh interpreter; it reports JSON lines on its stdout. wrap(cmd) -> cmd
     starts it somewhere else (a memory cgroup). A crash raises ModeFailed, with its exit status."""
-    from ..errors import MoeOffloadError
 
     package_root = str(Path(__file__).resolve().parents[2])  # src/, above moe_offload/bench/
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
@@ -260,7 +255,6 @@ def run_mode_subprocess(spec: dict, progress, wrap=None) -> dict:
 
 def worker_main() -> None:
     """Entry point of a mode's process: events go to the original stdout, anything else to stderr."""
-    from ..errors import MoeOffloadError
 
     events = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # stray prints from libraries must not mix with the events
