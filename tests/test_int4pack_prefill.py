@@ -18,7 +18,7 @@ def test_unpacked_weight_is_the_reference_rounded_to_bf16(blocks, k, bits, group
 
 
 def test_product_matches_reference_on_both_sides_of_the_threshold():
-    m = quant.quantize(torch.randn(2 * BLOCK, 128), 4, 64)
+    m = quant.quantize(torch.randn(2 * BLOCK, 128), 4, 64, fmt="int4pack")
     ref_w = quant.dequantize(m)
     t = kernels_int4pack.PREFILL_ROWS
     for rows in (1, t - 1, t, t + 1, 300, 512):
@@ -34,7 +34,7 @@ def test_product_matches_reference_on_both_sides_of_the_threshold():
 
 
 def test_matrices_outside_whole_blocks_keep_the_int4_op():
-    m = quant.quantize(torch.randn(BLOCK + 16, 64), 4, 32)
+    m = quant.quantize(torch.randn(BLOCK + 16, 64), 4, 32, fmt="int4pack")
     assert m.fmt == "int4pack" and not kernels_int4pack.available(m)
     assert not kernels_int4pack.usable(m, 10_000)
     x = torch.randn(64, 64)

@@ -66,10 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dense-bits", type=int, choices=[4, 8, 16], default=4,
                    help="bits per weight of attention projections and lm_head (default 4)")
     p.add_argument("--group-size", type=int, help="quantization group size (default: 64; 16 for 2-bit; 8-bit: per output channel)")
-    p.add_argument("--expert-format", choices=["auto", "rowtile"], default="auto",
-                   help="auto: the fastest format for each shape (default); rowtile: one call per MoE layer at "
-                   "decode with int8 activations on integer dot products (VNNI where the CPU has it), the same "
-                   "bytes on every CPU; prefill on it is slower")
+    p.add_argument("--expert-format", choices=["auto", "rowtile", "int4pack"], default="auto",
+                   help="auto (default): the fastest format for each shape on this CPU, i.e. rowtile for 3/4-bit "
+                   "matrices where the CPU has VNNI; rowtile: int8 activations on integer dot products, one call "
+                   "per MoE layer at decode, for the experts on any CPU; int4pack: no rowtile anywhere (torch's "
+                   "int4 op with bf16 activations, experts and dense part)")
     p.add_argument("--workers", type=int, help="matrices quantized at once, one thread each (default: one per "
                    "core, as many as fit in half the free memory); the store is the same whatever the number")
     p.add_argument("--force", action="store_true", help="replace DST if it exists")

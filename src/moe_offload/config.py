@@ -12,7 +12,7 @@ DENSE_BITS = (4, 8, 16)
 # one scale per output channel (group 0), the layout torch's fused int8 GEMV reads; an explicit
 # group size keeps 8-bit per-group.
 DEFAULT_GROUP = {2: 16, 3: 64, 4: 64, 8: 0}
-EXPERT_FORMATS = ("auto", "rowtile")
+EXPERT_FORMATS = ("auto", "rowtile", "int4pack")
 POLICIES = ("lru", "lfu")  # eviction: least recently / least frequently used (README, "Cache policies")
 SCOPES = ("layer", "global")
 
@@ -24,8 +24,10 @@ class QuantConfig:
     expert_bits: int = 4
     dense_bits: int = 4
     group_size: int | None = None  # None: the paper's default for each bit width
-    # "auto": the fastest format the shape allows (quant.choose_format); "rowtile": the one-call,
-    # int8-activation layer kernel for decode (kernels_layer.py), the same bytes on every CPU.
+    # "auto": the fastest format each shape allows on this CPU (quant.choose_format: "rowtile" for 3/4-bit
+    # where the CPU has VNNI); "rowtile": the int8-activation kernels (kernels_layer.py) for the experts
+    # whatever the CPU; "int4pack": no "rowtile" anywhere (torch's int4 op, bf16 activations, for
+    # experts and dense part alike), what "auto" chose before rowtile.
     expert_format: str = "auto"
 
     def __post_init__(self) -> None:

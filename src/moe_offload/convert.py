@@ -177,8 +177,8 @@ def _quantize_expert(cmap: CheckpointMap, sources, spec: MoeSpec, job: tuple[int
     for name, param in (("gate_up", first), ("down", "down_proj")):
         w = cmap.expert_tensor(sources, layer, param, expert)
         w = w.t() if spec.is_transposed else w  # stored [in, out]: the kernels read [out, in]
-        out[name] = quantize(w.contiguous(), bits, group,
-                             fmt=None if quant.expert_format == "auto" else quant.expert_format)
+        out[name] = quantize(w.contiguous(), bits, group, fmt="rowtile" if quant.expert_format == "rowtile" else None,
+                             rowtile=quant.expert_format != "int4pack")
         if spec.has_bias:
             out[f"{name}_bias"] = cmap.expert_tensor(sources, layer, f"{param}_bias", expert).float().contiguous()
     return out
@@ -275,7 +275,8 @@ def _write_dense(sources, cmap: CheckpointMap, dense_linears, quant: QuantConfig
     def one(name):
         t = cmap.dense_tensor(sources, name)
         if name in dense_linears and quant.dense_bits < 16:
-            return name, quantize(t, quant.dense_bits, quant.group_for(quant.dense_bits))
+            return name, quantize(t, quant.dense_bits, quant.group_for(quant.dense_bits),
+                                  rowtile=quant.expert_format != "int4pack")
         return name, t.contiguous()
 
     tensors, meta = {}, {}

@@ -56,7 +56,7 @@ class LayerExperts:
         self.gate = None if self.fused_act is not None else (module._apply_gate if module.has_gate else act)
         # "rowtile" SwiGLU experts without biases or post-norm: one kernel call per layer at decode.
         layout = runtime.store.layout.matrices
-        self.layer_call = (layout["gate_up"]["fmt"] == "rowtile" and self.fused_act is not None
+        self.layer_call = (layout["gate_up"]["fmt"] == layout["down"]["fmt"] == "rowtile" and self.fused_act is not None
                            and self.post_norm is None and "gate_up_bias" not in layout
                            and kernels_layer.is_silu(self.fused_act) and runtime.device == "cpu")
 
