@@ -190,3 +190,14 @@ def test_embedding_stays_at_stored_width_mapped_and_the_split_adds_up(tiny_store
         assert "memory: peak RSS" in model.offload_stats().summary()
     finally:
         model.close()
+
+
+def test_numba_is_reserved_for_until_it_is_loaded(monkeypatch):
+    import sys
+
+    import numba  # noqa: F401  (loaded: nothing more to reserve)
+
+    assert memory.numba_still_to_load({"rowtile", "dense"}) == 0
+    monkeypatch.delitem(sys.modules, "numba")
+    assert memory.numba_still_to_load({"rowtile"}) == memory.numba_still_to_load({"grouped"}) == memory.NUMBA_RESERVE
+    assert memory.numba_still_to_load({"int4pack", "int8", "dense"}) == 0

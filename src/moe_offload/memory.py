@@ -24,6 +24,18 @@ MiB = 2**20
 # unpacked weights and activations come on top: 196 MiB at the peak of a 238-token prompt, which
 # this reserve and the margin together cover. The fp32 KV cache takes 64 KiB a token there.
 RUNTIME_RESERVE = 160 * MiB
+# numba and LLVM, which the first "rowtile" or "grouped" product loads (measured: importing numba
+# 65 MiB, loading the first cached kernel 50 MiB); counted apart while they are not loaded yet.
+NUMBA_RESERVE = 120 * MiB
+NUMBA_FORMATS = {"rowtile", "grouped"}
+
+
+def numba_still_to_load(formats: set[str]) -> int:
+    """Bytes numba will add to this process: NUMBA_RESERVE if a stored format needs it and it is not
+    imported yet, else 0."""
+    import sys
+
+    return NUMBA_RESERVE if formats & NUMBA_FORMATS and "numba" not in sys.modules else 0
 SAFETY_FRACTION = 0.05  # of the available memory, kept free on top of the reserve
 NO_LIMIT = 1 << 60  # cgroup v1 writes "no limit" as a number near 2**63
 
