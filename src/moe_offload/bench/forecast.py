@@ -1,7 +1,8 @@
 """What `moe-offload plan` predicts for each of our modes, made before each runs, to print next to
 what it measures.
 
-One timed decode with every expert resident gives the compute per token and a routing trace;
+One timed decode with every expert resident, of the bench's own prompts and token count, gives
+the compute per token and a routing trace;
 each mode's expected hit rate is the simulator's on that trace at the mode's cache size (resident:
 every expert; no-cache: none). Its reads go at the disk's blob-read bandwidth, measured again
 right before the mode runs: a shared machine's disk drifts by 2x within minutes (README,
@@ -20,9 +21,9 @@ DISK_SAMPLE = 1 << 30  # bytes of cold blob reads before each mode (the roofline
 
 
 class Forecast:
-    def __init__(self, st, load_kwargs: dict):
+    def __init__(self, st, load_kwargs: dict, prompts, max_new_tokens: int):
         self.st, self.load_kwargs = st, load_kwargs
-        self.timing = time_decode(st)
+        self.timing = time_decode(st, max_new_tokens, prompts)
         gc.collect()
 
     def hit_rate(self, mode: str) -> float:
@@ -46,8 +47,8 @@ class Forecast:
                 "read_seconds_per_token": read, "expert_reads_per_token": misses, "disk_bytes_per_s": disk}
 
 
-def forecaster(st, modes: list[str], load_kwargs: dict) -> Forecast | None:
-    return Forecast(st, load_kwargs) if any(m in OURS for m in modes) else None
+def forecaster(st, modes: list[str], load_kwargs: dict, prompts, max_new_tokens: int) -> Forecast | None:
+    return Forecast(st, load_kwargs, prompts, max_new_tokens) if any(m in OURS for m in modes) else None
 
 
 def attach(result: dict, forecast: dict) -> None:

@@ -18,6 +18,7 @@ from ..errors import MoeOffloadError
 from ..store import DENSE_FILE, Store
 
 TIMING_PROMPT = "Tell me a story."  # any text: the timed decode only needs tokens to follow it
+PLAN_TOKENS = 32  # per turn of `plan`'s timed decode, one turn per seed prompt of `bench`
 
 RUNTIME_BYTES = 400 << 20  # python + torch + transformers + tokenizer, measured RSS of a loaded tiny store ~350 MiB
 
@@ -67,15 +68,17 @@ class Timing:
     """A short decode timed with every expert resident, and the routing it took."""
 
     seconds_per_token: float
-    tokens: int
-    prompt: str
-    steps: object  # routing.Steps of a second, traced run of the same prompt
+    tokens: int  # per prompt
+    prompts: tuple[str, ...]
+    steps: object  # routing.Steps of a second, traced run of the same prompts
 
 
-def time_decode(store: Store, tokens: int = 64, prompt: str = TIMING_PROMPT) -> Timing:
-    """Seconds per decode token with every expert resident (nothing read after warm-up), for a chat
-    turn when the tokenizer has a template (the common use); then the same generation again under
-    the trace recorder, whose hooks must not be in the timing."""
+def time_decode(store: Store, tokens: int = 64, prompts=(TIMING_PROMPT,)) -> Timing:
+    """Seconds per decode token with every expert resident (nothing read after warm-up), over one
+    chat turn per prompt when the tokenizer has a template (the common use); then the same turns
+    again under the trace recorder, whose hooks must not be in the timing. The trace's turns follow
+    each other as a session's would, so the simulator carries its cache from one turn to the next
+    as the live cache does (one short turn alone gave a hit rate 0.11 below four: README, "Planning")."""
     import torch
     from transformers import AutoTokenizer
 
@@ -84,31 +87,35 @@ def time_decode(store: Store, tokens: int = 64, prompt: str = TIMING_PROMPT) -> 
     from ..routing import Steps
     from ..routing.recorder import TraceRecorder
 
+    prompts = (prompts,) if isinstance(prompts, str) else tuple(prompts)
     model = load(store.path, experts_per_layer=store.num_experts, prefetch=0)
     try:
         tok = AutoTokenizer.from_pretrained(store.path, local_files_only=True)
-        ids = torch.tensor([chat_prompt_ids(tok, [{"role": "user", "content": prompt}]) if tok.chat_template
-                            else tok(prompt).input_ids])
+        turns = [torch.tensor([chat_prompt_ids(tok, [{"role": "user", "content": p}]) if tok.chat_template
+                               else tok(p).input_ids]) for p in prompts]
 
-        def generate(n: int) -> None:  # exactly n tokens, greedy: an early end-of-sequence would time nothing
+        def generate(ids, n: int) -> None:  # exactly n tokens, greedy: an early end-of-sequence would time nothing
             with torch.inference_mode():
                 model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
                                do_sample=False, pad_token_id=tok.pad_token_id or tok.eos_token_id)
 
-        generate(4)  # loads every expert it touches
+        generate(turns[0], 4)  # loads every expert it touches
         for layer in store.moe_layers:  # and the rest, so the timed run reads nothing
             list(model.offload_runtime.cache.stream(layer, range(store.num_experts)))
         stats = model.offload_stats()
         stats.reset()
-        generate(tokens)
+        for ids in turns:
+            generate(ids, tokens)
         d = stats.as_dict()
         recorder = TraceRecorder(model, depth=1)
         try:
-            generate(tokens)
+            for i, ids in enumerate(turns):
+                recorder.prompt = i
+                generate(ids, tokens)
         finally:
             recorder.close()
         steps = Steps(recorder.trace({}))
-        return Timing(d["seconds_decode"] / max(1, d["tokens_decode"]), tokens, prompt, steps)
+        return Timing(d["seconds_decode"] / max(1, d["tokens_decode"]), tokens, prompts, steps)
     finally:
         model.close()
 
@@ -136,7 +143,12 @@ def plan(store_path, ram: int, *, disk_read: float | None = None, trace=None, me
         disk_read = blob_bandwidth(store, limit=min(256 << 20, L * E * blob))
     if disk_read <= 0:
         raise MoeOffloadError("the disk read bandwidth must be positive")
-    timing = time_decode(store) if measure else None
+    if measure:
+        from ..bench.mode import PROMPTS
+
+        timing = time_decode(store, PLAN_TOKENS, PROMPTS)
+    else:
+        timing = None
     if timing is not None:
         compute, csource = timing.seconds_per_token, "timed decode, every expert resident"
     else:
@@ -149,7 +161,7 @@ def plan(store_path, ram: int, *, disk_read: float | None = None, trace=None, me
         hit, source = trace_hit_rate(trace, slots), f"LRU on trace {trace}"
     elif timing is not None:
         hit, source = (trace_hit_rate(timing.steps, slots),
-                       f"LRU on the timed run's own routing ({timing.tokens} tokens answering {timing.prompt!r})")
+                       f"LRU on the timed run's own routing ({len(timing.prompts)} turns of {timing.tokens} tokens)")
     else:
         hit, source = slots / E, "slots / experts (no trace: routing without locality)"
     misses, read, tps = decode_rate(store, hit, compute, disk_read)
