@@ -8,7 +8,8 @@
   tokens/s    1 / (compute + reads): compute is a short decode timed with every expert
               resident (or dense + top-k expert bytes over the RAM bandwidth); reads are the
               expected misses per token, (1 - hit rate) x top-k x MoE layers, times the blob size
-              over the disk's blob-read bandwidth (measured cold, the loader's way, or given)
+              over the rate at which blobs come back through the loader (measured cold, a layer's
+              misses submitted together as the cache does, in the simulator's group sizes; or given)
 """
 from __future__ import annotations
 
@@ -54,13 +55,22 @@ def cache_slots(store: Store, ram: int, runtime: int = RUNTIME_BYTES) -> tuple[b
     return slots >= store.top_k, int(max(slots, 0))
 
 
-def trace_hit_rate(trace, slots: int, policy: str = "lru", scope: str = "layer") -> float:
-    """The simulator's hit rate over a trace's decode steps (what a decode token pays), at this cache size."""
+def trace_misses(trace, slots: int, policy: str = "lru", scope: str = "layer") -> tuple[float, dict[int, int]]:
+    """The simulator over a trace's decode steps (what a decode token pays), at this cache size: the
+    hit rate, and how the misses group by layer step (misses in one step of one layer -> how often),
+    which is how the cache submits them to the loader."""
     from ..routing import Setting, Steps, load_trace, simulate
 
     steps = trace if isinstance(trace, Steps) else Steps(load_trace(trace))
     result = simulate(steps, Setting(policy, slots, scope))
-    return result.decode_hit_rate if result.decode_hits + result.decode_misses else result.hit_rate
+    if result.decode_hits + result.decode_misses:
+        return result.decode_hit_rate, dict(result.decode_miss_groups)
+    return result.hit_rate, {}
+
+
+def trace_hit_rate(trace, slots: int, policy: str = "lru", scope: str = "layer") -> float:
+    """The simulator's hit rate over a trace's decode steps, at this cache size."""
+    return trace_misses(trace, slots, policy, scope)[0]
 
 
 @dataclass
@@ -137,11 +147,7 @@ def plan(store_path, ram: int, *, disk_read: float | None = None, trace=None, me
     store = Store.open(store_path)
     fits, slots = cache_slots(store, ram, runtime)
     L, E, k, blob = len(store.moe_layers), store.num_experts, store.top_k, store.blob_size
-    if disk_read is None:
-        from ..bench.roofline import blob_bandwidth
-
-        disk_read = blob_bandwidth(store, limit=min(256 << 20, L * E * blob))
-    if disk_read <= 0:
+    if disk_read is not None and disk_read <= 0:
         raise MoeOffloadError("the disk read bandwidth must be positive")
     if measure:
         from ..bench.mode import PROMPTS
@@ -155,15 +161,23 @@ def plan(store_path, ram: int, *, disk_read: float | None = None, trace=None, me
         from ..bench.roofline import ram_bandwidth
 
         compute, csource = estimate_compute(store, ram_bandwidth(256 << 20)), "bytes / RAM bandwidth"
+    groups = None  # how the misses group per layer step; None: top-k, every expert missed
     if not fits:
         hit, source = 0.0, "does not fit"
     elif trace is not None:
-        hit, source = trace_hit_rate(trace, slots), f"LRU on trace {trace}"
+        (hit, groups), source = trace_misses(trace, slots), f"LRU on trace {trace}"
     elif timing is not None:
-        hit, source = (trace_hit_rate(timing.steps, slots),
-                       f"LRU on the timed run's own routing ({len(timing.prompts)} turns of {timing.tokens} tokens)")
+        (hit, groups), source = (trace_misses(timing.steps, slots),
+                                 f"LRU on the timed run's own routing ({len(timing.prompts)} turns of "
+                                 f"{timing.tokens} tokens)")
     else:
         hit, source = slots / E, "slots / experts (no trace: routing without locality)"
+    if disk_read is None:
+        from ..bench.roofline import blob_read_rate
+
+        disk_read = blob_read_rate(store, groups, limit=256 << 20) if hit < 1 else 1.0
+        if disk_read <= 0:
+            raise MoeOffloadError("the disk read bandwidth could not be measured")
     misses, read, tps = decode_rate(store, hit, compute, disk_read)
     return Plan(ram, (store.path / DENSE_FILE).stat().st_size, blob, L, E, k, fits, slots, slots * L * blob, hit,
                 source, misses, compute, csource, disk_read, read, tps if fits else 0.0)
