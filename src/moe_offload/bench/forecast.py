@@ -52,6 +52,15 @@ class Forecast:
                 "miss_groups": {str(m): n for m, n in sorted(groups.items())}}
 
 
+    def sample_after(self, mode: str, forecast: dict) -> None:
+        """The same disk sample again right after the mode ran, kept beside the prediction (not in
+        it): whether the live decode's disk rate lies between the two samples tells the disk's drift
+        from the model's error."""
+        if forecast["disk_bytes_per_s"]:
+            hit, groups = self.expected_misses(mode)
+            forecast["disk_bytes_per_s_after"] = blob_read_rate(self.st, groups, limit=DISK_SAMPLE)
+
+
 def forecaster(st, modes: list[str], load_kwargs: dict, prompts, max_new_tokens: int) -> Forecast | None:
     return Forecast(st, load_kwargs, prompts, max_new_tokens) if any(m in OURS for m in modes) else None
 
