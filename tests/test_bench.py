@@ -138,12 +138,6 @@ def test_plan_is_predicted_for_our_modes_before_they_run(tiny_run):
     store = Store.open(result["store"])
     assert modes["no-cache"]["plan"]["miss_groups"] == {str(store.top_k): 1}
     assert modes["no-cache"]["plan"]["disk_bytes_per_s_after"] > 0  # sampled again once the mode ran
-    for mode in ("offload", "lru-only", "no-cache"):  # the rate in the prediction: the worker's, before its prompts
-        plan = modes[mode]["plan"]
-        assert plan["disk_bytes_per_s"] == modes[mode]["plan_disk_sample_bytes_per_s"] > 0, mode
-        assert plan["disk_bytes_per_s_parent"] > 0, mode
-        assert plan["read_seconds_per_token"] == pytest.approx(
-            plan["expert_reads_per_token"] * store.blob_size / plan["disk_bytes_per_s"]), mode
     assert "disk_bytes_per_s_after" not in modes["resident"]["plan"]  # it reads nothing
     groups = modes["lru-only"]["plan"]["miss_groups"]
     assert sum(int(m) * n for m, n in groups.items()) / (PROMPTS * (NEW_TOKENS - 1)) == pytest.approx(

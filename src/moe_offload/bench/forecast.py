@@ -6,10 +6,8 @@ the compute per token and a routing trace;
 each mode's expected hit rate is the simulator's on that trace at the mode's cache size (resident:
 every expert; no-cache: none). Its reads go at the rate blobs come back through the loader, a
 layer's misses submitted together in the group sizes the simulator gives the mode (no-cache:
-top-k), measured again inside the mode's worker after its warm-up, seconds before its prompts: a
-shared machine's disk drifts by 2x within minutes (README, "Planning"), and the prediction should
-be judged on its model, not on that drift. The parent's sample before the worker starts
-(disk_bytes_per_s_parent) and one right after the mode (disk_bytes_per_s_after) are kept beside it. The plan
+top-k), measured again right before the mode runs: a shared machine's disk drifts by 2x within minutes (README,
+"Planning"), and the prediction should be judged on its model, not on that drift. The plan
 predicts for prefetch off, so `offload` gets the same model as `lru-only`.
 """
 from __future__ import annotations
@@ -44,24 +42,15 @@ class Forecast:
     def hit_rate(self, mode: str) -> float:
         return self.expected_misses(mode)[0]
 
-    def predict(self, mode: str, disk: float | None = None) -> dict:
+    def predict(self, mode: str) -> dict:
         hit, groups = self.expected_misses(mode)
-        if disk is None:
-            disk = blob_read_rate(self.st, groups, limit=DISK_SAMPLE) if hit < 1 else 0
+        disk = blob_read_rate(self.st, groups, limit=DISK_SAMPLE) if hit < 1 else 0
         compute = self.timing.seconds_per_token
         misses, read, tps = decode_rate(self.st, hit, compute, disk) if disk else (0.0, 0.0, 1 / compute)
         return {"decode_tokens_per_s": round(tps, 3), "hit_rate": round(hit, 4), "compute_seconds_per_token": compute,
                 "read_seconds_per_token": read, "expert_reads_per_token": misses, "disk_bytes_per_s": disk,
                 "miss_groups": {str(m): n for m, n in sorted(groups.items())}}
 
-
-    def with_worker_sample(self, mode: str, forecast: dict, result: dict) -> dict:
-        """The prediction again with the disk sample the mode's worker took after its warm-up, seconds
-        before its prompts (the parent's sample, taken before the worker started, is kept beside it)."""
-        worker = result.get("plan_disk_sample_bytes_per_s")
-        if not worker:
-            return forecast
-        return dict(self.predict(mode, disk=worker), disk_bytes_per_s_parent=forecast["disk_bytes_per_s"])
 
     def sample_after(self, mode: str, forecast: dict) -> None:
         """The same disk sample again right after the mode ran, kept beside the prediction (not in

@@ -67,7 +67,6 @@ def run_mode(spec: dict, progress) -> dict:
             _generate(model, tokenizer, WARMUP_PROMPT, 2)
             if mode == "resident":
                 _load_all_experts(model)
-            disk_sample = _disk_sample(spec)
             drop_page_cache(*spec["drop"])
             load_peak = _peak_rss()
             if info.get("stats") is not None:
@@ -91,25 +90,7 @@ def run_mode(spec: dict, progress) -> dict:
         finally:
             if hasattr(model, "close"):
                 model.close()
-    result = _mode_result(mode, clock, stats, tokens, info, load_seconds, max(load_peak, run_peak), run_peak)
-    if disk_sample is not None:
-        result["plan_disk_sample_bytes_per_s"] = disk_sample
-    return result
-
-
-def _disk_sample(spec: dict) -> int | None:
-    """The plan's disk term sampled in the mode's own process after its warm-up, seconds before the
-    timed prompts: samples taken by the parent before the worker started read 1.1-1.2 GB/s on the
-    quarter store while its decode then read at 1.5-1.7, and in one process sample and decode agreed
-    within 7% (README, "Planning"). spec["disk_sample"]: the mode's expected misses per layer step."""
-    groups = spec.get("disk_sample")
-    if not groups:
-        return None
-    from ..store import Store
-    from .roofline import blob_read_rate
-
-    return blob_read_rate(Store.open(spec["store"]), {int(m): n for m, n in groups.items()},
-                          limit=spec.get("disk_sample_limit", 1 << 30))
+    return _mode_result(mode, clock, stats, tokens, info, load_seconds, max(load_peak, run_peak), run_peak)
 
 
 def open_model(spec: dict, scratch: str):

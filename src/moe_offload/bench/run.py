@@ -80,8 +80,6 @@ def run_bench(store: Path, source: Path | None, modes: list[str], *, explicit_mo
                 predicted[mode] = planner.predict(mode)
             drop_page_cache(*files)
             spec = dict(spec_base, mode=mode)
-            if mode in predicted and predicted[mode]["disk_bytes_per_s"]:
-                spec["disk_sample"] = predicted[mode]["miss_groups"]  # sampled again in the worker, just before its prompts
             progress = lambda event: "partial" in event or bar.update(1)  # noqa: E731  (a partial result is no step)
             cg = MemoryCgroup.create(cgroup_limit, mode) if cgroup_limit else None
             try:
@@ -92,7 +90,6 @@ def run_bench(store: Path, source: Path | None, modes: list[str], *, explicit_mo
             if in_process:
                 gc.collect()
             if mode in predicted:
-                predicted[mode] = planner.with_worker_sample(mode, predicted[mode], results[mode])
                 planner.sample_after(mode, predicted[mode])
     if not results:
         raise MoeOffloadError("no mode to run")
