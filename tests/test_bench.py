@@ -134,9 +134,39 @@ def test_plan_is_predicted_for_our_modes_before_they_run(tiny_run):
         assert plan["expert_reads_per_token"] == pytest.approx(
             (1 - plan["hit_rate"]) * store.top_k * len(store.moe_layers), rel=1e-3)
     assert modes["resident"]["plan_hit_rate"] == 1.0 and modes["no-cache"]["plan_hit_rate"] == 0.0
+    # the hit rate and the misses' groups come from a trace of the bench's own turns: every prompt, every token
+    store = Store.open(result["store"])
+    assert modes["no-cache"]["plan"]["miss_groups"] == {str(store.top_k): 1}
+    assert modes["no-cache"]["plan"]["disk_bytes_per_s_after"] > 0  # sampled again once the mode ran
+    assert "disk_bytes_per_s_after" not in modes["resident"]["plan"]  # it reads nothing
+    groups = modes["lru-only"]["plan"]["miss_groups"]
+    assert sum(int(m) * n for m, n in groups.items()) / (PROMPTS * (NEW_TOKENS - 1)) == pytest.approx(
+        modes["lru-only"]["plan"]["expert_reads_per_token"], rel=1e-3)
     assert modes["offload"]["plan_hit_rate"] == modes["lru-only"]["plan_hit_rate"]  # the plan models prefetch off
     assert 0.0 < modes["lru-only"]["plan_hit_rate"] <= 1.0
     assert "plan" not in modes["transformers"]
+
+
+def test_blob_read_rate_goes_through_the_loader_a_layer_group_at_a_time(tiny_run, monkeypatch):
+    """The plan's disk term: reads made through the cache and the loader a layer at a time, in the
+    simulator's group sizes, so that a per-read cost (the hand-off to a loader thread) is in it."""
+    import time
+
+    from moe_offload.bench.roofline import blob_read_rate
+    from moe_offload.cache import ExpertCache
+    from moe_offload.loader import DiskLoader
+
+    st = Store.open(tiny_run[1]["store"])
+    calls, read = [], DiskLoader._read
+    monkeypatch.setattr(ExpertCache, "stream", lambda self, layer, experts, stream=ExpertCache.stream:
+                        calls.append((layer, len(experts))) or stream(self, layer, experts))
+    assert blob_read_rate(st, {1: 3, 2: 1}, limit=400 * st.blob_size) > 0
+    sizes = [n for _, n in calls]
+    assert set(sizes) == {1, 2} and 2 < sizes.count(1) / sizes.count(2) < 4.5
+    assert [layer for layer, _ in calls[:2 * len(st.moe_layers)]] == list(st.moe_layers) * 2  # layer after layer
+    # a read that costs 5 ms more than its bytes shows in the rate (a bandwidth alone would not)
+    monkeypatch.setattr(DiskLoader, "_read", lambda self, *a: time.sleep(0.005) or read(self, *a))
+    assert blob_read_rate(st, {1: 1}, limit=20 * st.blob_size) < st.blob_size / 0.005
 
 
 def test_table_is_printed(tiny_run):

@@ -8,7 +8,7 @@ import moe_offload
 from moe_offload.errors import MoeOffloadError
 from moe_offload.evaluate.fidelity import ours, rtn
 from moe_offload.evaluate.perplexity import perplexity, store_perplexity, token_windows
-from moe_offload.plan.predict import RUNTIME_BYTES, cache_slots, plan
+from moe_offload.plan.predict import RUNTIME_BYTES, cache_slots, plan, time_decode, trace_hit_rate
 from moe_offload.store import DENSE_FILE, Store
 from moe_offload.synthetic import build_random_mixtral
 
@@ -70,6 +70,20 @@ def test_plan_prediction_adds_reads_to_compute(src_and_store):
     assert p.misses_per_token == pytest.approx(0.5 * 2 * 2)
     assert p.read_seconds == pytest.approx(p.misses_per_token * st.blob_size / 1e6)
     assert p.decode_tokens_per_s == pytest.approx(1 / (p.compute_seconds + p.read_seconds))
+
+
+def test_timed_decode_traces_every_turn_in_order(src_and_store):
+    """The hit rate comes from all the turns the bench runs, one session: the simulator carries the
+    cache from one turn to the next, as the live cache does."""
+    st = Store.open(src_and_store[1])
+    prompts = ("one two three", "four five six", "seven eight")
+    t = time_decode(st, tokens=5, prompts=prompts)
+    assert t.prompts == prompts and t.tokens == 5 and t.seconds_per_token > 0
+    assert sum(t.steps.decode) == len(prompts) * (5 - 1)  # the first token of a turn comes from its prefill
+    assert sorted(set(t.steps.trace.prompt.tolist())) == [0, 1, 2]
+    one = time_decode(st, tokens=5, prompts=prompts[:1])
+    assert sum(one.steps.decode) == 4
+    assert 0 <= trace_hit_rate(t.steps, 2) <= 1
 
 
 def test_plan_and_eval_cli(src_and_store, tmp_path):

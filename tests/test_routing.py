@@ -65,6 +65,16 @@ def test_decode_counts_leave_out_the_prefill():
     # prefill: 0, 1 miss | 2 misses (evicts 0), 0 misses (evicts 1), 3 misses (evicts 2), 0 hits
     assert (r.hits, r.misses) == (1, 5)
     assert (r.decode_hits, r.decode_misses) == (1, 3) and r.decode_hit_rate == 0.25
+    assert r.decode_miss_groups == {1: 3}  # one layer: each decode step missed one expert or none
+
+
+def test_decode_miss_groups_count_a_layer_steps_misses_together():
+    # two experts per token (top-2): step 0 is a prefill (0, 1), then decode (0, 1) hits both,
+    # (2, 3) misses both, (2, 0) misses one
+    trace = make_trace([[[0, 1]], [[0, 1]], [[2, 3]], [[2, 0]]], 4)
+    trace.decode[0] = False
+    r = simulate(Steps(trace), Setting("lru", 2))
+    assert r.decode_miss_groups == {2: 1, 1: 1} and r.decode_misses == 3
 
 
 @pytest.mark.parametrize("seed", range(4))

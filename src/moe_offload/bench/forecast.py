@@ -1,10 +1,12 @@
 """What `moe-offload plan` predicts for each of our modes, made before each runs, to print next to
 what it measures.
 
-One timed decode with every expert resident gives the compute per token and a routing trace;
+One timed decode with every expert resident, of the bench's own prompts and token count, gives
+the compute per token and a routing trace;
 each mode's expected hit rate is the simulator's on that trace at the mode's cache size (resident:
-every expert; no-cache: none). Its reads go at the disk's blob-read bandwidth, measured again
-right before the mode runs: a shared machine's disk drifts by 2x within minutes (README,
+every expert; no-cache: none). Its reads go at the rate blobs come back through the loader, a
+layer's misses submitted together in the group sizes the simulator gives the mode (no-cache:
+top-k), measured again right before the mode runs: a shared machine's disk drifts by 2x within minutes (README,
 "Planning"), and the prediction should be judged on its model, not on that drift. The plan
 predicts for prefetch off, so `offload` gets the same model as `lru-only`.
 """
@@ -12,42 +14,55 @@ from __future__ import annotations
 
 import gc
 
-from ..plan.predict import decode_rate, time_decode, trace_hit_rate
+from ..plan.predict import decode_rate, time_decode, trace_misses
 from .mode import OURS
-from .roofline import blob_bandwidth
+from .roofline import blob_read_rate
 
-DISK_SAMPLE = 1 << 30  # bytes of cold blob reads before each mode (the roofline's size): about a second
+DISK_SAMPLE = 1 << 30  # bytes of cold blob reads before each mode, at most (and at most a second)
 
 
 class Forecast:
-    def __init__(self, st, load_kwargs: dict):
+    def __init__(self, st, load_kwargs: dict, prompts, max_new_tokens: int):
         self.st, self.load_kwargs = st, load_kwargs
-        self.timing = time_decode(st)
+        self.timing = time_decode(st, max_new_tokens, prompts)
         gc.collect()
 
-    def hit_rate(self, mode: str) -> float:
+    def expected_misses(self, mode: str) -> tuple[float, dict[int, int]]:
+        """The mode's hit rate and its decode misses per layer step (misses -> how often)."""
         if mode == "resident":
-            return 1.0
+            return 1.0, {}
         if mode == "no-cache":
-            return 0.0  # every use is read: the pools are emptied after each layer
+            return 0.0, {self.st.top_k: 1}  # every use is read: the pools are emptied after each layer
         from .run import cache_slots_per_pool
 
         kw = self.load_kwargs
-        return trace_hit_rate(self.timing.steps, cache_slots_per_pool(self.st, kw), kw.get("policy") or "lru",
-                              kw.get("cache_scope") or "layer")
+        return trace_misses(self.timing.steps, cache_slots_per_pool(self.st, kw), kw.get("policy") or "lru",
+                            kw.get("cache_scope") or "layer")
+
+    def hit_rate(self, mode: str) -> float:
+        return self.expected_misses(mode)[0]
 
     def predict(self, mode: str) -> dict:
-        hit = self.hit_rate(mode)
-        disk = blob_bandwidth(self.st, limit=min(DISK_SAMPLE, self.st.blob_size * self.st.num_experts
-                                                 * len(self.st.moe_layers))) if hit < 1 else 0
+        hit, groups = self.expected_misses(mode)
+        disk = blob_read_rate(self.st, groups, limit=DISK_SAMPLE) if hit < 1 else 0
         compute = self.timing.seconds_per_token
         misses, read, tps = decode_rate(self.st, hit, compute, disk) if disk else (0.0, 0.0, 1 / compute)
         return {"decode_tokens_per_s": round(tps, 3), "hit_rate": round(hit, 4), "compute_seconds_per_token": compute,
-                "read_seconds_per_token": read, "expert_reads_per_token": misses, "disk_bytes_per_s": disk}
+                "read_seconds_per_token": read, "expert_reads_per_token": misses, "disk_bytes_per_s": disk,
+                "miss_groups": {str(m): n for m, n in sorted(groups.items())}}
 
 
-def forecaster(st, modes: list[str], load_kwargs: dict) -> Forecast | None:
-    return Forecast(st, load_kwargs) if any(m in OURS for m in modes) else None
+    def sample_after(self, mode: str, forecast: dict) -> None:
+        """The same disk sample again right after the mode ran, kept beside the prediction (not in
+        it): whether the live decode's disk rate lies between the two samples tells the disk's drift
+        from the model's error."""
+        if forecast["disk_bytes_per_s"]:
+            hit, groups = self.expected_misses(mode)
+            forecast["disk_bytes_per_s_after"] = blob_read_rate(self.st, groups, limit=DISK_SAMPLE)
+
+
+def forecaster(st, modes: list[str], load_kwargs: dict, prompts, max_new_tokens: int) -> Forecast | None:
+    return Forecast(st, load_kwargs, prompts, max_new_tokens) if any(m in OURS for m in modes) else None
 
 
 def attach(result: dict, forecast: dict) -> None:

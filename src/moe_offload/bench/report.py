@@ -109,9 +109,10 @@ def format_report(results: dict) -> str:
         "above 100% of the roofline, the disk delivered more while decoding than in the up-front measurement.",
     ]
     if any("plan" in r for r in results["modes"].values()):
-        lines += ["plan: `moe-offload plan`'s prediction, made before each mode ran: a decode timed with every "
-                  "expert resident, plus the misses the simulator expects on that run's routing at each mode's "
-                  "cache size, read at the blob bandwidth measured again just before the mode (prefetch off: offload = lru-only)."]
+        lines += ["plan: `moe-offload plan`'s prediction, made before each mode ran: the bench's turns timed with every "
+                  "expert resident, plus the misses the simulator expects on their routing at each mode's cache size, "
+                  "read at the rate blobs came back through the cache and loader, a layer's misses at a time, "
+                  "sampled again just before the mode (prefetch off: offload = lru-only)."]
     if results["targets"]:
         lines += ["", "targets (issue #4" + ("; llama.cpp and memory limits: issue #11" if llama or cg else "") + "):"]
         for t in results["targets"]:

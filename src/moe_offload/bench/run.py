@@ -64,7 +64,7 @@ def run_bench(store: Path, source: Path | None, modes: list[str], *, explicit_mo
     planner = None
     if forecast:
         print("timing a resident decode for moe-offload plan's predictions ...", file=sys.stderr)
-        planner = forecaster(st, modes, load_kwargs)
+        planner = forecaster(st, modes, load_kwargs, PROMPTS[:prompts], max_new_tokens)
     predicted = {}
     spec_base = dict(store=str(st.path), source=str(source) if source else None,
                      prompts=list(PROMPTS[:prompts]), max_new_tokens=max_new_tokens,
@@ -89,6 +89,8 @@ def run_bench(store: Path, source: Path | None, modes: list[str], *, explicit_mo
                     cg.remove()
             if in_process:
                 gc.collect()
+            if mode in predicted:
+                planner.sample_after(mode, predicted[mode])
     if not results:
         raise MoeOffloadError("no mode to run")
     measured = {m: r for m, r in results.items() if m != LLAMACPP and not r.get("failed")}

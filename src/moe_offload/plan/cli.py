@@ -33,12 +33,13 @@ def add_parser(sub) -> None:
     p = sub.add_parser("plan", help="predict whether a store fits a RAM budget, its cache size, hit rate and tokens/s",
                        description="Predict from the store's byte counts and measured bandwidths: whether the "
                        "model fits in --ram, how many experts per layer the cache gets, the expected hit rate "
-                       "(from a trace if given, else from the routing of the timed decode) and decode tokens/s. Measures "
-                       "the disk's blob-read bandwidth (unless --disk-read) and times a 64-token chat turn with every "
-                       "expert resident.")
+                       "(from a trace if given, else from the routing of the timed decode) and decode tokens/s. Times "
+                       "four 32-token chat turns (bench's seed prompts) with every expert resident, and measures how "
+                       "fast expert blobs come back through the loader, a layer's misses at a time (unless "
+                       "--disk-read).")
     p.add_argument("store")
     p.add_argument("--ram", required=True, help="memory for the whole process, e.g. 8GiB")
-    p.add_argument("--disk-read", metavar="SPEED", help="disk read bandwidth per second, e.g. 2GB (default: measured)")
+    p.add_argument("--disk-read", metavar="SPEED", help="disk read bandwidth per second, e.g. 2GB (default: measured through the loader)")
     p.add_argument("--trace", help="a routing trace (moe-offload trace) for the hit rate")
     p.add_argument("--no-measure", action="store_true", help="estimate compute from the RAM bandwidth instead of timing it")
     p.add_argument("--json", action="store_true")

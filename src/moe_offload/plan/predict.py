@@ -8,7 +8,8 @@
   tokens/s    1 / (compute + reads): compute is a short decode timed with every expert
               resident (or dense + top-k expert bytes over the RAM bandwidth); reads are the
               expected misses per token, (1 - hit rate) x top-k x MoE layers, times the blob size
-              over the disk's blob-read bandwidth (measured cold, the loader's way, or given)
+              over the rate at which blobs come back through the loader (measured cold, a layer's
+              misses submitted together as the cache does, in the simulator's group sizes; or given)
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from ..errors import MoeOffloadError
 from ..store import DENSE_FILE, Store
 
 TIMING_PROMPT = "Tell me a story."  # any text: the timed decode only needs tokens to follow it
+PLAN_TOKENS = 32  # per turn of `plan`'s timed decode, one turn per seed prompt of `bench`
 
 RUNTIME_BYTES = 400 << 20  # python + torch + transformers + tokenizer, measured RSS of a loaded tiny store ~350 MiB
 
@@ -53,13 +55,22 @@ def cache_slots(store: Store, ram: int, runtime: int = RUNTIME_BYTES) -> tuple[b
     return slots >= store.top_k, int(max(slots, 0))
 
 
-def trace_hit_rate(trace, slots: int, policy: str = "lru", scope: str = "layer") -> float:
-    """The simulator's hit rate over a trace's decode steps (what a decode token pays), at this cache size."""
+def trace_misses(trace, slots: int, policy: str = "lru", scope: str = "layer") -> tuple[float, dict[int, int]]:
+    """The simulator over a trace's decode steps (what a decode token pays), at this cache size: the
+    hit rate, and how the misses group by layer step (misses in one step of one layer -> how often),
+    which is how the cache submits them to the loader."""
     from ..routing import Setting, Steps, load_trace, simulate
 
     steps = trace if isinstance(trace, Steps) else Steps(load_trace(trace))
     result = simulate(steps, Setting(policy, slots, scope))
-    return result.decode_hit_rate if result.decode_hits + result.decode_misses else result.hit_rate
+    if result.decode_hits + result.decode_misses:
+        return result.decode_hit_rate, dict(result.decode_miss_groups)
+    return result.hit_rate, {}
+
+
+def trace_hit_rate(trace, slots: int, policy: str = "lru", scope: str = "layer") -> float:
+    """The simulator's hit rate over a trace's decode steps, at this cache size."""
+    return trace_misses(trace, slots, policy, scope)[0]
 
 
 @dataclass
@@ -67,15 +78,17 @@ class Timing:
     """A short decode timed with every expert resident, and the routing it took."""
 
     seconds_per_token: float
-    tokens: int
-    prompt: str
-    steps: object  # routing.Steps of a second, traced run of the same prompt
+    tokens: int  # per prompt
+    prompts: tuple[str, ...]
+    steps: object  # routing.Steps of a second, traced run of the same prompts
 
 
-def time_decode(store: Store, tokens: int = 64, prompt: str = TIMING_PROMPT) -> Timing:
-    """Seconds per decode token with every expert resident (nothing read after warm-up), for a chat
-    turn when the tokenizer has a template (the common use); then the same generation again under
-    the trace recorder, whose hooks must not be in the timing."""
+def time_decode(store: Store, tokens: int = 64, prompts=(TIMING_PROMPT,)) -> Timing:
+    """Seconds per decode token with every expert resident (nothing read after warm-up), over one
+    chat turn per prompt when the tokenizer has a template (the common use); then the same turns
+    again under the trace recorder, whose hooks must not be in the timing. The trace's turns follow
+    each other as a session's would, so the simulator carries its cache from one turn to the next
+    as the live cache does (one short turn alone gave a hit rate 0.11 below four: README, "Planning")."""
     import torch
     from transformers import AutoTokenizer
 
@@ -84,31 +97,35 @@ def time_decode(store: Store, tokens: int = 64, prompt: str = TIMING_PROMPT) -> 
     from ..routing import Steps
     from ..routing.recorder import TraceRecorder
 
+    prompts = (prompts,) if isinstance(prompts, str) else tuple(prompts)
     model = load(store.path, experts_per_layer=store.num_experts, prefetch=0)
     try:
         tok = AutoTokenizer.from_pretrained(store.path, local_files_only=True)
-        ids = torch.tensor([chat_prompt_ids(tok, [{"role": "user", "content": prompt}]) if tok.chat_template
-                            else tok(prompt).input_ids])
+        turns = [torch.tensor([chat_prompt_ids(tok, [{"role": "user", "content": p}]) if tok.chat_template
+                               else tok(p).input_ids]) for p in prompts]
 
-        def generate(n: int) -> None:  # exactly n tokens, greedy: an early end-of-sequence would time nothing
+        def generate(ids, n: int) -> None:  # exactly n tokens, greedy: an early end-of-sequence would time nothing
             with torch.inference_mode():
                 model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
                                do_sample=False, pad_token_id=tok.pad_token_id or tok.eos_token_id)
 
-        generate(4)  # loads every expert it touches
+        generate(turns[0], 4)  # loads every expert it touches
         for layer in store.moe_layers:  # and the rest, so the timed run reads nothing
             list(model.offload_runtime.cache.stream(layer, range(store.num_experts)))
         stats = model.offload_stats()
         stats.reset()
-        generate(tokens)
+        for ids in turns:
+            generate(ids, tokens)
         d = stats.as_dict()
         recorder = TraceRecorder(model, depth=1)
         try:
-            generate(tokens)
+            for i, ids in enumerate(turns):
+                recorder.prompt = i
+                generate(ids, tokens)
         finally:
             recorder.close()
         steps = Steps(recorder.trace({}))
-        return Timing(d["seconds_decode"] / max(1, d["tokens_decode"]), tokens, prompt, steps)
+        return Timing(d["seconds_decode"] / max(1, d["tokens_decode"]), tokens, prompts, steps)
     finally:
         model.close()
 
@@ -130,28 +147,37 @@ def plan(store_path, ram: int, *, disk_read: float | None = None, trace=None, me
     store = Store.open(store_path)
     fits, slots = cache_slots(store, ram, runtime)
     L, E, k, blob = len(store.moe_layers), store.num_experts, store.top_k, store.blob_size
-    if disk_read is None:
-        from ..bench.roofline import blob_bandwidth
-
-        disk_read = blob_bandwidth(store, limit=min(256 << 20, L * E * blob))
-    if disk_read <= 0:
+    if disk_read is not None and disk_read <= 0:
         raise MoeOffloadError("the disk read bandwidth must be positive")
-    timing = time_decode(store) if measure else None
+    if measure:
+        from ..bench.mode import PROMPTS
+
+        timing = time_decode(store, PLAN_TOKENS, PROMPTS)
+    else:
+        timing = None
     if timing is not None:
         compute, csource = timing.seconds_per_token, "timed decode, every expert resident"
     else:
         from ..bench.roofline import ram_bandwidth
 
         compute, csource = estimate_compute(store, ram_bandwidth(256 << 20)), "bytes / RAM bandwidth"
+    groups = None  # how the misses group per layer step; None: top-k, every expert missed
     if not fits:
         hit, source = 0.0, "does not fit"
     elif trace is not None:
-        hit, source = trace_hit_rate(trace, slots), f"LRU on trace {trace}"
+        (hit, groups), source = trace_misses(trace, slots), f"LRU on trace {trace}"
     elif timing is not None:
-        hit, source = (trace_hit_rate(timing.steps, slots),
-                       f"LRU on the timed run's own routing ({timing.tokens} tokens answering {timing.prompt!r})")
+        (hit, groups), source = (trace_misses(timing.steps, slots),
+                                 f"LRU on the timed run's own routing ({len(timing.prompts)} turns of "
+                                 f"{timing.tokens} tokens)")
     else:
         hit, source = slots / E, "slots / experts (no trace: routing without locality)"
+    if disk_read is None:
+        from ..bench.roofline import blob_read_rate
+
+        disk_read = blob_read_rate(store, groups, limit=256 << 20) if hit < 1 else 1.0
+        if disk_read <= 0:
+            raise MoeOffloadError("the disk read bandwidth could not be measured")
     misses, read, tps = decode_rate(store, hit, compute, disk_read)
     return Plan(ram, (store.path / DENSE_FILE).stat().st_size, blob, L, E, k, fits, slots, slots * L * blob, hit,
                 source, misses, compute, csource, disk_read, read, tps if fits else 0.0)

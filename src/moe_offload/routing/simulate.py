@@ -13,7 +13,7 @@ depends on which read finishes first).
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -46,6 +46,9 @@ class Result:
     bytes_read: int = 0
     decode_hits: int = 0  # the same counts over decode steps only: what a decode token costs
     decode_misses: int = 0
+    # misses of one MoE layer in one decode step -> how many such (step, layer): the cache submits a
+    # layer's misses together, so a read's cost depends on how many run beside it (bench/roofline.py)
+    decode_miss_groups: dict = field(default_factory=dict)
     evictions: list | None = None
 
     @property
@@ -199,6 +202,7 @@ def simulate(steps: Steps, setting: Setting, record_evictions: bool = False) -> 
             order = [k for k in keys if k in pool.lru] + [k for k in keys if k not in pool.lru]
             done: set = set()
             decode = steps.decode[s]
+            missed = res.misses
             for key in order:
                 if key in pool.lru:
                     res.hits += 1
@@ -217,5 +221,8 @@ def simulate(steps: Steps, setting: Setting, record_evictions: bool = False) -> 
                     pool.lru[key] = None
                 pool.policy.on_access(key, now)
                 done.add(key)
+            if decode and res.misses > missed:
+                group = res.misses - missed
+                res.decode_miss_groups[group] = res.decode_miss_groups.get(group, 0) + 1
     res.bytes_read = (res.demand_loads + res.prefetch_loads) * blob
     return res
