@@ -153,6 +153,62 @@ def test_batch_rows_use_their_own_experts():
     assert torch.allclose(ref[1], kl.moe_layer_reference(x[1], experts[1], weights[1], F.silu))
 
 
+def _assignments(T, E, k, seed):
+    """Each token row picks k distinct experts of E with random weights -> (rows, weights, offsets)
+    grouped by expert, and each row's (expert, weight) list."""
+    g = torch.Generator().manual_seed(seed)
+    picks = [torch.randperm(E, generator=g)[:k].tolist() for _ in range(T)]
+    weights = torch.rand(T, k, generator=g)
+    rows, wts, offs, per_row = [], [], [0], [[] for _ in range(T)]
+    for e in range(E):
+        for t in range(T):
+            if e in picks[t]:
+                w = weights[t, picks[t].index(e)].item()
+                rows.append(t), wts.append(w), per_row[t].append((e, w))
+        offs.append(len(rows))
+    return torch.tensor(rows, dtype=torch.int64), torch.tensor(wts), offs, per_row
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("H,inter,T,E,k,bits,group", [
+    (512, 192, 9, 6, 2, 4, 64), (256, 64, 1, 3, 1, 4, 32), (544, 96, 17, 8, 8, 3, 32), (32, 32, 5, 4, 3, 4, 32),
+    (1056, 64, 3, 9, 2, 2, 32), (256, 128, 33, 5, 2, 8, 128)])
+def test_layer_rows_match_reference(variant, H, inter, T, E, k, bits, group):
+    """Prefill's one call per layer: every row equals its own experts' sum (the decode kernel's
+    check), with experts no row uses (empty ranges) in the list."""
+    experts = _experts(H, inter, E, bits, group)
+    x = torch.randn(T, H)
+    rows, wts, offs, per_row = _assignments(T, E, k, seed=H + T)
+    y = kl.moe_layer_rows(x, experts, rows, wts, offs, variant_=variant)
+    assert y.shape == (T, H) and y.dtype == torch.float32
+    for t in range(T):
+        mine = per_row[t]
+        assert _layer_error_ok(y[t], x[t], [experts[e] for e, _ in mine], [w for _, w in mine]), t
+    # chunks of experts added into one output give the same floats as one call
+    out = torch.zeros(T, H)
+    for lo, hi in ((0, E // 2), (E // 2, E)):
+        kl.moe_layer_rows(x, experts[lo:hi], rows[offs[lo]:offs[hi]], wts[offs[lo]:offs[hi]],
+                          [o - offs[lo] for o in offs[lo:hi + 1]], out=out, variant_=variant)
+    assert torch.equal(out, y)
+
+
+def test_layer_rows_catch_mistakes():
+    H, inter, T, E = 256, 96, 6, 4
+    experts = _experts(H, inter, E, 4, 32)
+    x = torch.randn(T, H)
+    rows, wts, offs, per_row = _assignments(T, E, 2, seed=0)
+    y = kl.moe_layer_rows(x, experts, rows, wts, offs)
+    wrong = kl.moe_layer_rows(x, experts, rows, wts.flip(0), offs)  # weights on the wrong rows
+    assert not all(_layer_error_ok(wrong[t], x[t], [experts[e] for e, _ in per_row[t]], [w for _, w in per_row[t]])
+                   for t in range(T))
+    assert all(_layer_error_ok(y[t], x[t], [experts[e] for e, _ in per_row[t]], [w for _, w in per_row[t]])
+               for t in range(T))
+    with pytest.raises(MoeOffloadError, match="offsets"):
+        kl.moe_layer_rows(x, experts, rows, wts, offs[:-1])
+    with pytest.raises(MoeOffloadError, match="token rows"):
+        kl.moe_layer_rows(x, experts, rows + T, wts, offs)
+
+
 def test_rejects_what_it_cannot_compute():
     experts = _experts(64, 32, 2, 4, 32)
     x = torch.randn(64)

@@ -1,5 +1,6 @@
 """Stores in the "rowtile" format compute each decode token's experts of a layer in one kernel call
-(kernels_layer.moe_layer_decode); it must agree with transformers on our dequantized weights up to
+(kernels_layer.moe_layer_decode) and a prompt's in one call per pool's worth of experts
+(moe_layer_rows); it must agree with transformers on our dequantized weights up to
 its int8 activations, and the plain reference path must agree exactly."""
 import pytest
 import torch
@@ -22,9 +23,12 @@ def test_one_call_per_layer_matches_transformers(family, overrides, tmp_path, mo
     store = moe_offload.convert(src, tmp_path / "st", expert_bits=4, dense_bits=16, expert_format="rowtile",
                                 progress=False)
     assert Store.open(store).layout.matrices["gate_up"]["fmt"] == "rowtile"
-    calls = []
+    calls, row_calls = [], []
     real = kernels_layer.moe_layer_decode
     monkeypatch.setattr(kernels_layer, "moe_layer_decode", lambda *a, **k: calls.append(len(a[1])) or real(*a, **k))
+    real_rows = kernels_layer.moe_layer_rows
+    monkeypatch.setattr(kernels_layer, "moe_layer_rows",
+                        lambda *a, **k: row_calls.append(len(a[1])) or real_rows(*a, **k))
     top_k = Store.open(store).top_k
     model = moe_offload.load(store, experts_per_layer=top_k)  # the smallest cache: every slot pinned at once
     try:
@@ -35,18 +39,48 @@ def test_one_call_per_layer_matches_transformers(family, overrides, tmp_path, mo
         expected = ref.generate(ids, **kwargs)
         with kernels.use_reference():
             exact = model.generate(ids, **kwargs)
-        assert not calls  # the reference path computes expert by expert
+        assert not calls and not row_calls  # the reference path computes expert by expert
         assert torch.equal(exact.sequences, expected.sequences)
         assert max((a - b).abs().max().item() for a, b in zip(exact.logits, expected.logits)) <= 1e-4
         fast = model.generate(expected.sequences[:, :ids.shape[1]], **kwargs)
         n_moe = len(Store.open(store).moe_layers)
         assert len(calls) == (STEPS - 1) * n_moe and set(calls) == {top_k}  # one call per layer and token
+        # prefill: the prompt's experts in one call per layer, or one per expert where they outnumber
+        # the pool (top-k slots here)
+        assert len(row_calls) >= n_moe and set(row_calls) <= {1} | set(range(1, top_k + 1))
         # int8 activations: ~1% per layer; a near-tie in a router may flip one token's expert.
         scale = max(b.abs().max().item() for b in expected.logits)
         diffs = torch.tensor([(a - b).abs().max().item() for a, b in zip(fast.logits, expected.logits)])
         assert diffs.median() <= 3e-2 * scale, diffs
+        assert diffs[0] <= 3e-2 * scale, diffs  # the prefill's logits
     finally:
         model.close()
+
+
+def test_prefill_rows_are_the_same_at_every_cache_size(tmp_path, monkeypatch):
+    """A prompt's experts: one call per layer when the pool holds them all, one per expert as the cache
+    delivers them when it does not; the logits are the same floats either way."""
+    config = tiny_moe_config("qwen3_moe", **{**NAMED["qwen3_moe"], "hidden_size": 96, "moe_intermediate_size": 64,
+                                             "num_experts_per_tok": 4, "num_experts": 12})
+    src = build_random_moe(tmp_path / "src", config, seed=3, tokenizer=False)
+    store = moe_offload.convert(src, tmp_path / "st", expert_bits=4, dense_bits=16, expert_format="rowtile",
+                                progress=False)
+    ids = torch.randint(3, config.vocab_size, (1, 24))
+    real_rows = kernels_layer.moe_layer_rows
+    logits, sizes = {}, {}
+    for slots in (12, 4):
+        calls = []
+        monkeypatch.setattr(kernels_layer, "moe_layer_rows", lambda *a, **k: calls.append(len(a[1])) or real_rows(*a, **k))
+        model = moe_offload.load(store, experts_per_layer=slots, prefetch=0)
+        try:
+            logits[slots] = model(ids).logits
+        finally:
+            model.close()
+        sizes[slots] = calls
+    n_moe = len(Store.open(store).moe_layers)
+    assert len(sizes[12]) == n_moe and min(sizes[12]) > 4  # 24 tokens x top-4 use more than 4 of 12 experts
+    assert set(sizes[4]) == {1} and len(sizes[4]) == sum(sizes[12])
+    assert torch.equal(logits[12], logits[4])
 
 
 def test_rowtile_is_refused_where_it_cannot_store(tmp_path, tiny_src):

@@ -369,5 +369,65 @@ def layer_serial(tag, x, wts, addrs, meta, inter, bbuf, fbuf, counters):
     _thread(tag, x, wts, addrs, meta, inter, xq, hq, xs, xsum, hs, hsum, hbuf[0], y, counters)
 
 
+# ---------------------------------------------------------------- one MoE layer, many token rows
+
+@njit(parallel=True, **_OPTS)
+def layer_rows(tag, x, rows, wts, offs, addrs, meta, inter, out):
+    """Prefill: out[rows[a]] += wts[a] * down_e(silu(gate_e(x)) * up_e(x))(x[rows[a]]) for every
+    assignment a of expert e, offs[e] <= a < offs[e + 1] (assignments grouped by expert, in the
+    order the caller wants them summed), out [T, >= H] fp32 not zeroed here (chunks of experts add
+    up in the same order as one call). x [T, H] fp32; addrs as in layer().
+
+    Each expert's weights are read once for all its rows: four parallel loops over (expert, row
+    block) units or rows: the token rows quantized once, gate and up rows, silu * up quantized
+    per down group, down rows; then the weighted sum over output columns, assignments in order."""
+    T, H = x.shape
+    E = addrs.shape[1]
+    A = rows.shape[0]
+    b1, g1, t1, b2, g2, t2 = meta[0], meta[1], meta[2], meta[3], meta[4], meta[5]
+    ng1 = H // g1
+    ng2 = inter // g2
+    nb1 = (2 * inter + 15) // 16
+    nb2 = (H + 15) // 16
+    xq = np.empty((T, H), np.int8)
+    xs = np.empty((T, ng1), np.float32)
+    xsum = np.empty((T, ng1), np.float32)
+    for t in prange(T):
+        for g in range(ng1):
+            _quant_group(x[t], xq[t], xs[t], xsum[t], g, g1)
+    h = np.empty((A, nb1 * 16), np.float32)
+    for u in prange(E * nb1):
+        e = u // nb1
+        rb = u - e * nb1
+        base = addrs[0, e] + rb * ng1 * t1
+        for a in range(offs[e], offs[e + 1]):
+            t = rows[a]
+            rowblock(tag, base, t1, b1, 0, ng1, g1, xq[t].ctypes.data, xs[t].ctypes.data, xsum[t].ctypes.data,
+                     h[a].ctypes.data + rb * 64)
+    hq = np.empty((A, inter), np.int8)
+    hs = np.empty((A, ng2), np.float32)
+    hsum = np.empty((A, ng2), np.float32)
+    for a in prange(A):
+        ha = h[a]
+        for j in range(inter):
+            ha[j] = _silu(ha[j]) * ha[inter + j]
+        for g in range(ng2):
+            _quant_group(ha, hq[a], hs[a], hsum[a], g, g2)
+    y = np.empty((A, nb2 * 16), np.float32)
+    for u in prange(E * nb2):
+        e = u // nb2
+        rb = u - e * nb2
+        base = addrs[1, e] + rb * ng2 * t2
+        for a in range(offs[e], offs[e + 1]):
+            rowblock(tag, base, t2, b2, 0, ng2, g2, hq[a].ctypes.data, hs[a].ctypes.data, hsum[a].ctypes.data,
+                     y[a].ctypes.data + rb * 64)
+    for cb in prange(nb2):
+        for a in range(A):
+            t = rows[a]
+            w = wts[a]
+            for j in range(cb * 16, min(cb * 16 + 16, H)):
+                out[t, j] += w * y[a, j]
+
+
 def fbuf_size(H, inter, E, g1, g2, nthreads):
     return 2 * (H // g1) + 2 * E * (inter // g2) + nthreads * max(2 * g2, 16) + (H + 15) // 16 * 16

@@ -302,6 +302,33 @@ def moe_layer_decode(x: torch.Tensor, experts, weights, act="silu", variant_: st
                                       for b in range(xf.shape[0])]))
 
 
+def moe_layer_rows(x: torch.Tensor, experts, rows: torch.Tensor, weights: torch.Tensor, offsets,
+                   out: torch.Tensor | None = None, variant_: str | None = None) -> torch.Tensor:
+    """Prefill: every token row's experts of one layer in one call, each expert's weights read once.
+
+    x [T, H]; experts a list of (gate_up, down) "rowtile" matrices; assignment a (rows[a] the token
+    row, weights[a] its weight) belongs to expert e for offsets[e] <= a < offsets[e + 1]. Adds
+    sum_a weights[a] * expert_e(x[rows[a]]) to `out` (fp32 [T, H], zeros if None), assignments in
+    order, and returns it. SwiGLU (SiLU) experts only, like moe_layer_decode."""
+    H, inter, meta = _layer_meta(experts)
+    tag = _tag(variant_ or variant())
+    T = x.shape[0]
+    if out is None:
+        out = torch.zeros(T, H)
+    offs = np.asarray(offsets, np.int64)
+    if len(offs) != len(experts) + 1 or offs[0] != 0 or offs[-1] != rows.shape[0] or (np.diff(offs) < 0).any():
+        raise MoeOffloadError(f"offsets {offs.tolist()} do not split {rows.shape[0]} assignments among "
+                              f"{len(experts)} experts")
+    if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= T):
+        raise MoeOffloadError(f"token rows must lie in 0..{T - 1}")
+    addrs = np.array([[g.tensors["tiles"].data_ptr() for g, _ in experts],
+                      [d.tensors["tiles"].data_ptr() for _, d in experts]], np.int64)
+    with kernels_grouped.launch_lock:
+        _jit().layer_rows(tag, x.float().contiguous().numpy(), rows.to(torch.int64).contiguous().numpy(),
+                          weights.float().contiguous().numpy(), offs, addrs, meta, inter, out.numpy())
+    return out
+
+
 def moe_layer_reference(x: torch.Tensor, experts, weights, act=F.silu, quantize: bool = True) -> torch.Tensor:
     """The plain version of moe_layer_decode: dequantized weights, fp32 matmuls, expert by expert;
     with `quantize`, both products see int8 activations as in the kernel (linear_reference)."""

@@ -94,8 +94,10 @@ class LayerExperts:
                                      weight_of if decode else None, used, on_cpu)
             finally:
                 rt.hybrid.release(on_cpu)
-        if decode and self.layer_call and used and not kernels.reference_mode():
-            return self._one_call(hidden_states, used, weight_of)
+        if self.layer_call and used and not kernels.reference_mode():
+            if decode:
+                return self._one_call(hidden_states, used, weight_of)
+            return self._rows_call(hidden_states, top_k_index, top_k_weights, used)
         return self._forward(hidden_states, top_k_index, top_k_weights, decode, weight_of if decode else None, used)
 
     def _forward(self, hidden_states, top_k_index, top_k_weights, decode: bool, weight_of, used, on_cpu=None):
@@ -146,6 +148,43 @@ class LayerExperts:
         finally:
             stream.close()
         return y.to(hidden_states.dtype).unsqueeze(0)
+
+
+    def _rows_call(self, hidden_states, top_k_index, top_k_weights, used: list[int]) -> torch.Tensor:
+        """Prefill: each used expert computed for all its token rows by the one-layer kernel. When the
+        pool holds every used expert, they are pinned together and computed by one call; otherwise
+        one call per expert as the cache delivers them (a load overlapping the last expert's compute),
+        each into its own buffer, summed in expert order. Either way the floats are the same."""
+        flat = top_k_index.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=self.num_experts)[:self.num_experts].tolist()
+        starts = [0]
+        for c in counts:
+            starts.append(starts[-1] + c)
+        rows = order // top_k_index.shape[1]
+        weights = top_k_weights.reshape(-1)[order]
+        T, H = hidden_states.shape
+        cache = self.runtime.cache
+
+        def compute(chunk, got, out):
+            lo, hi = starts[chunk[0]], starts[chunk[-1] + 1]  # experts between have no rows
+            offsets = [starts[e] - lo for e in chunk] + [hi - lo]
+            return kernels_layer.moe_layer_rows(hidden_states, [(w["gate_up"], w["down"]) for _, w in got],
+                                                rows[lo:hi], weights[lo:hi], offsets, out=out)
+
+        if len(used) <= len(cache.pool(self.layer).slots):
+            stream = cache.stream(self.layer, used, hold=True)
+            try:
+                got = sorted((next(stream) for _ in used), key=lambda pair: pair[0])
+                out = compute(used, got, torch.zeros(T, H))
+            finally:
+                stream.close()
+        else:
+            outputs = {e: compute([e], [(e, w)], torch.zeros(T, H)) for e, w in cache.stream(self.layer, used)}
+            out = torch.zeros(T, H)
+            for e in sorted(outputs):
+                out += outputs[e]
+        return out.to(hidden_states.dtype)
 
 
 def offloaded_experts_forward(self, hidden_states, top_k_index, top_k_weights):
