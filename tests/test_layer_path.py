@@ -83,6 +83,25 @@ def test_prefill_rows_are_the_same_at_every_cache_size(tmp_path, monkeypatch):
     assert torch.equal(logits[12], logits[4])
 
 
+def test_warm_up_loads_the_rowtile_kernels_and_int4pack_prefill_only_for_long_prompts(tmp_path, tiny_src, monkeypatch):
+    from moe_offload import kernels_int4pack
+
+    store = moe_offload.convert(tiny_src, tmp_path / "st", expert_bits=4, dense_bits=4, expert_format="rowtile",
+                                progress=False)
+    warmed = []
+    real = kernels_layer.warm_up
+    monkeypatch.setattr(kernels_layer, "warm_up", lambda: warmed.append("rowtile") or real())
+    monkeypatch.setattr(kernels_int4pack, "warm_up", lambda shapes: warmed.append(("int4pack", len(shapes))))
+    model = moe_offload.load(store, experts_per_layer=2)
+    try:
+        model.offload_warm_up(3)
+        assert warmed == ["rowtile"]
+        model.offload_warm_up()
+        assert warmed[1] == "rowtile" and warmed[2][0] == "int4pack"  # no prompt size: every kernel
+    finally:
+        model.close()
+
+
 def test_rowtile_is_refused_where_it_cannot_store(tmp_path, tiny_src):
     with pytest.raises(moe_offload.MoeOffloadError, match="rowtile"):
         moe_offload.convert(tiny_src, tmp_path / "x", expert_bits=16, expert_format="rowtile", progress=False)

@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 import sys
 
-from . import kernels_int4pack
 from .engine import SamplingParams, chat_prompt_ids, generate_text
 from .model import load
 from .options import announce_cache
@@ -24,8 +23,7 @@ def generate_once(store: str | os.PathLike, prompt: str, *, chat: bool = False, 
             ids = chat_prompt_ids(tokenizer, [{"role": "user", "content": prompt}])
         else:
             ids = tokenizer(prompt).input_ids
-        if len(ids) >= kernels_int4pack.PREFILL_ROWS:
-            model.offload_warm_up()  # the prefill kernels this prompt will use: built before it is timed
+        model.offload_warm_up(len(ids))  # the kernels this prompt will use: built before it is timed
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
         on_text = (lambda delta: print(delta, end="", flush=True)) if stream else None
         result = generate_text(model, tokenizer, ids, params, on_text=on_text)

@@ -329,6 +329,18 @@ def moe_layer_rows(x: torch.Tensor, experts, rows: torch.Tensor, weights: torch.
     return out
 
 
+def warm_up() -> None:
+    """Load (the first time: compile) every kernel a rowtile store's run calls, on tiny inputs with the
+    argument types of real calls, so that the first timed prompt does not pay for it."""
+    g = torch.Generator().manual_seed(0)
+    gu = quantize_rowtile(torch.randn(64, 32, generator=g), 4, 32, optimize=False)
+    dn = quantize_rowtile(torch.randn(32, 32, generator=g), 4, 32, optimize=False)
+    x = torch.randn(2, 32, generator=g)
+    linear(x, gu)
+    moe_layer_decode(x[0], [(gu, dn)], [1.0])
+    moe_layer_rows(x, [(gu, dn)], torch.zeros(1, dtype=torch.int64), torch.ones(1), [0, 1])
+
+
 def moe_layer_reference(x: torch.Tensor, experts, weights, act=F.silu, quantize: bool = True) -> torch.Tensor:
     """The plain version of moe_layer_decode: dequantized weights, fp32 matmuls, expert by expert;
     with `quantize`, both products see int8 activations as in the kernel (linear_reference)."""

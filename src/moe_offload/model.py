@@ -228,10 +228,21 @@ def load(store: str | os.PathLike, *, device: str = "cpu", expert_cache: int | s
     model.offload_spec = spec
     model.offload_stats = MethodType(lambda self: self.offload_runtime.stats, model)
     model.close = MethodType(lambda self: self.offload_runtime.close(), model)
-    # Prefill kernels (numba's int4 unpacker, oneDNN's bf16 matmuls: ~140 MiB) are built on first use,
-    # not here: a run whose prompts stay short never pays for them. Long-lived callers that want the
-    # first long prompt to be fast call this once (bench does, in its warm-up).
-    model.offload_warm_up = MethodType(lambda self: kernels_int4pack.warm_up(int4pack_shapes), model)
+    # Kernels are built (or loaded from numba's cache) on first use, not here: int4pack's prefill
+    # kernels (numba's unpacker, oneDNN's bf16 matmuls: ~140 MiB) are never paid for by a run whose
+    # prompts stay short. Callers that time their first prompt call this before it (bench's warm-up,
+    # generate): with `prompt_rows`, int4pack's prefill kernels only if that prompt will use them.
+    uses_rowtile = any(m["fmt"] == "rowtile" for m in _all_formats(st))
+
+    def warm_up(self, prompt_rows: int | None = None) -> None:
+        if uses_rowtile and runtime.device == "cpu":
+            from . import kernels_layer
+
+            kernels_layer.warm_up()  # every run calls them; the first load costs ~0.5 s (LLVM), a compile 10 s or more
+        if prompt_rows is None or prompt_rows >= kernels_int4pack.PREFILL_ROWS:
+            kernels_int4pack.warm_up(int4pack_shapes)
+
+    model.offload_warm_up = MethodType(warm_up, model)
     return model
 
 
