@@ -10,6 +10,7 @@ use, allocator slack) and a safety margin; at most every expert, at least the ro
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,16 +29,14 @@ RUNTIME_RESERVE = 160 * MiB
 # 65 MiB, loading the first cached kernel 50 MiB); counted apart while they are not loaded yet.
 NUMBA_RESERVE = 120 * MiB
 NUMBA_FORMATS = {"rowtile", "grouped"}
+SAFETY_FRACTION = 0.05  # of the available memory, kept free on top of the reserve
+NO_LIMIT = 1 << 60  # cgroup v1 writes "no limit" as a number near 2**63
 
 
 def numba_still_to_load(formats: set[str]) -> int:
     """Bytes numba will add to this process: NUMBA_RESERVE if a stored format needs it and it is not
     imported yet, else 0."""
-    import sys
-
     return NUMBA_RESERVE if formats & NUMBA_FORMATS and "numba" not in sys.modules else 0
-SAFETY_FRACTION = 0.05  # of the available memory, kept free on top of the reserve
-NO_LIMIT = 1 << 60  # cgroup v1 writes "no limit" as a number near 2**63
 
 
 @dataclass(frozen=True)

@@ -137,8 +137,7 @@ def auto_slots_per_pool(store: Store, cfg: OffloadConfig, loaded: bool = False) 
     sentence saying what was chosen. `loaded`: the dense part is already in memory (load() sizes the
     cache after it); otherwise its stored size is counted as still to come."""
     available = memory.available_memory()
-    formats = {m["fmt"] for m in [*store.layout.matrices.values(), *store.manifest.get("dense_linears", {}).values()]}
-    still_needed = (memory.RUNTIME_RESERVE + memory.numba_still_to_load(formats)
+    still_needed = (memory.RUNTIME_RESERVE + memory.numba_still_to_load({m["fmt"] for m in _all_formats(store)})
                     + (0 if loaded else store.manifest["dense_file_size"]))
     pools = store.num_layers if cfg.cache_scope == "layer" else 1
     return memory.auto_cache_slots(available.bytes, still_needed, store.blob_size, experts=store.num_experts,

@@ -54,7 +54,8 @@ class LayerExperts:
         # any other gating (or a plain activation for gate-less experts) is the family's own code.
         self.fused_act = act if module.has_gate and type(module)._apply_gate is _default_apply_gate else None
         self.gate = None if self.fused_act is not None else (module._apply_gate if module.has_gate else act)
-        # "rowtile" SwiGLU experts without biases or post-norm: one kernel call per layer at decode.
+        # "rowtile" SwiGLU experts without biases or post-norm: one kernel call per layer at decode,
+        # per layer (or per expert, when the pool is smaller than the prompt's experts) at prefill.
         layout = runtime.store.layout.matrices
         self.layer_call = (layout["gate_up"]["fmt"] == layout["down"]["fmt"] == "rowtile" and self.fused_act is not None
                            and self.post_norm is None and "gate_up_bias" not in layout
@@ -148,7 +149,6 @@ class LayerExperts:
         finally:
             stream.close()
         return y.to(hidden_states.dtype).unsqueeze(0)
-
 
     def _rows_call(self, hidden_states, top_k_index, top_k_weights, used: list[int]) -> torch.Tensor:
         """Prefill: each used expert computed for all its token rows by the one-layer kernel. When the
