@@ -152,19 +152,25 @@ def test_interrupted_convert_leaves_no_store(tiny_src, tmp_path, monkeypatch):
         moe_offload.load(tmp_path / "store")
 
 
-def test_killed_convert_leaves_no_store(tmp_path):
+@pytest.fixture(scope="module")
+def slow_src(tmp_path_factory):
+    """256 experts (~2 s to convert): a signal sent once experts are being written lands while they
+    still are, however fast the machine (the tiny model's 8 could all be done before it arrives)."""
+    from moe_offload.synthetic import SHAPES, build_random_mixtral
+
+    return build_random_mixtral(tmp_path_factory.mktemp("slow") / "src",
+                                dict(SHAPES["tiny"], num_local_experts=64, num_hidden_layers=4, intermediate_size=512),
+                                seed=1, tokenizer=False)
+
+
+def test_killed_convert_leaves_no_store(slow_src, tmp_path):
     """A conversion killed from outside (no cleanup runs) leaves only a hidden partial folder."""
     import signal
     import subprocess
     import sys
     import time
 
-    from moe_offload.synthetic import SHAPES, build_random_mixtral
-
-    # 256 experts (~2 s to convert): the kill lands while experts are written, however fast the machine
-    src = build_random_mixtral(tmp_path / "src", dict(SHAPES["tiny"], num_local_experts=64, num_hidden_layers=4,
-                                                      intermediate_size=512), seed=1, tokenizer=False)
-    proc = subprocess.Popen([sys.executable, "-m", "moe_offload", "convert", str(src), str(tmp_path / "store"),
+    proc = subprocess.Popen([sys.executable, "-m", "moe_offload", "convert", str(slow_src), str(tmp_path / "store"),
                              "--expert-bits", "2"], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and not list(tmp_path.glob(".store.partial-*/experts.bin")):
@@ -175,14 +181,14 @@ def test_killed_convert_leaves_no_store(tmp_path):
     assert_clean_failure(run_cli("generate", tmp_path / "store", "--prompt", "hi"), "no such store")
 
 
-def test_ctrl_c_during_parallel_convert(tiny_src, tmp_path):
+def test_ctrl_c_during_parallel_convert(slow_src, tmp_path):
     """Ctrl-C in the CLI while worker threads quantize: exit 130 at once, no folder left behind."""
     import signal
     import subprocess
     import sys
     import time
 
-    proc = subprocess.Popen([sys.executable, "-m", "moe_offload", "convert", str(tiny_src), str(tmp_path / "store"),
+    proc = subprocess.Popen([sys.executable, "-m", "moe_offload", "convert", str(slow_src), str(tmp_path / "store"),
                              "--expert-bits", "2", "--workers", "2"], stderr=subprocess.PIPE,
                             stdout=subprocess.DEVNULL, text=True)
     deadline = time.time() + 120
