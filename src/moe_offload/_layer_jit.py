@@ -371,6 +371,16 @@ def layer_serial(tag, x, wts, addrs, meta, inter, bbuf, fbuf, counters):
 
 # ---------------------------------------------------------------- one MoE layer, many token rows
 
+@njit(inline="always", error_model="numpy", boundscheck=False)
+def _expert_rows(tag, base, tb, bits, ng, group, lo, hi, src, q, qs, qsum, dst, rb):
+    """Row block rb of one expert's matrix (tiles at address base) for its assignments lo..hi-1:
+    dst[a, 16rb:16rb+16] from the activations of row src[a] (codes q, scales qs, sums qsum)."""
+    for a in range(lo, hi):
+        i = src[a]
+        rowblock(tag, base, tb, bits, 0, ng, group, q[i].ctypes.data, qs[i].ctypes.data, qsum[i].ctypes.data,
+                 dst[a].ctypes.data + rb * 64)
+
+
 @njit(parallel=True, **_OPTS)
 def layer_rows(tag, x, rows, wts, offs, addrs, meta, inter, out):
     """Prefill: out[rows[a]] += wts[a] * down_e(silu(gate_e(x)) * up_e(x))(x[rows[a]]) for every
@@ -397,13 +407,9 @@ def layer_rows(tag, x, rows, wts, offs, addrs, meta, inter, out):
             _quant_group(x[t], xq[t], xs[t], xsum[t], g, g1)
     h = np.empty((A, nb1 * 16), np.float32)
     for u in prange(E * nb1):
-        e = u // nb1
-        rb = u - e * nb1
-        base = addrs[0, e] + rb * ng1 * t1
-        for a in range(offs[e], offs[e + 1]):
-            t = rows[a]
-            rowblock(tag, base, t1, b1, 0, ng1, g1, xq[t].ctypes.data, xs[t].ctypes.data, xsum[t].ctypes.data,
-                     h[a].ctypes.data + rb * 64)
+        e, rb = u // nb1, u % nb1
+        _expert_rows(tag, addrs[0, e] + rb * ng1 * t1, t1, b1, ng1, g1, offs[e], offs[e + 1], rows, xq, xs, xsum,
+                     h, rb)
     hq = np.empty((A, inter), np.int8)
     hs = np.empty((A, ng2), np.float32)
     hsum = np.empty((A, ng2), np.float32)
@@ -414,13 +420,11 @@ def layer_rows(tag, x, rows, wts, offs, addrs, meta, inter, out):
         for g in range(ng2):
             _quant_group(ha, hq[a], hs[a], hsum[a], g, g2)
     y = np.empty((A, nb2 * 16), np.float32)
+    own = np.arange(A)  # the down products read assignment a's own activations
     for u in prange(E * nb2):
-        e = u // nb2
-        rb = u - e * nb2
-        base = addrs[1, e] + rb * ng2 * t2
-        for a in range(offs[e], offs[e + 1]):
-            rowblock(tag, base, t2, b2, 0, ng2, g2, hq[a].ctypes.data, hs[a].ctypes.data, hsum[a].ctypes.data,
-                     y[a].ctypes.data + rb * 64)
+        e, rb = u // nb2, u % nb2
+        _expert_rows(tag, addrs[1, e] + rb * ng2 * t2, t2, b2, ng2, g2, offs[e], offs[e + 1], own, hq, hs, hsum,
+                     y, rb)
     for cb in prange(nb2):
         for a in range(A):
             t = rows[a]
