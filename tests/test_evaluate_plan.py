@@ -8,7 +8,7 @@ import moe_offload
 from moe_offload.errors import MoeOffloadError
 from moe_offload.evaluate.fidelity import ours, rtn
 from moe_offload.evaluate.perplexity import perplexity, store_perplexity, token_windows
-from moe_offload.plan.predict import RUNTIME_BYTES, cache_slots, plan, time_decode, trace_hit_rate
+from moe_offload.plan.predict import RUNTIME_BYTES, cache_slots, plan, time_decode, trace_misses
 from moe_offload.store import DENSE_FILE, Store
 from moe_offload.synthetic import build_random_mixtral
 
@@ -83,7 +83,7 @@ def test_timed_decode_traces_every_turn_in_order(src_and_store):
     assert sorted(set(t.steps.trace.prompt.tolist())) == [0, 1, 2]
     one = time_decode(st, tokens=5, prompts=prompts[:1])
     assert sum(one.steps.decode) == 4
-    assert 0 <= trace_hit_rate(t.steps, 2) <= 1
+    assert 0 <= trace_misses(t.steps, 2)[0] <= 1
 
 
 def test_plan_and_eval_cli(src_and_store, tmp_path):

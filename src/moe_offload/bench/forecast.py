@@ -51,13 +51,12 @@ class Forecast:
                 "read_seconds_per_token": read, "expert_reads_per_token": misses, "disk_bytes_per_s": disk,
                 "miss_groups": {str(m): n for m, n in sorted(groups.items())}}
 
-
-    def sample_after(self, mode: str, forecast: dict) -> None:
+    def sample_after(self, forecast: dict) -> None:
         """The same disk sample again right after the mode ran, kept beside the prediction (not in
         it): whether the live decode's disk rate lies between the two samples tells the disk's drift
         from the model's error."""
         if forecast["disk_bytes_per_s"]:
-            hit, groups = self.expected_misses(mode)
+            groups = {int(m): n for m, n in forecast["miss_groups"].items()}  # the prediction's own
             forecast["disk_bytes_per_s_after"] = blob_read_rate(self.st, groups, limit=DISK_SAMPLE)
 
 

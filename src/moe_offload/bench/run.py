@@ -90,7 +90,7 @@ def run_bench(store: Path, source: Path | None, modes: list[str], *, explicit_mo
             if in_process:
                 gc.collect()
             if mode in predicted:
-                planner.sample_after(mode, predicted[mode])
+                planner.sample_after(predicted[mode])
     if not results:
         raise MoeOffloadError("no mode to run")
     measured = {m: r for m, r in results.items() if m != LLAMACPP and not r.get("failed")}

@@ -68,11 +68,6 @@ def trace_misses(trace, slots: int, policy: str = "lru", scope: str = "layer") -
     return result.hit_rate, {}
 
 
-def trace_hit_rate(trace, slots: int, policy: str = "lru", scope: str = "layer") -> float:
-    """The simulator's hit rate over a trace's decode steps, at this cache size."""
-    return trace_misses(trace, slots, policy, scope)[0]
-
-
 @dataclass
 class Timing:
     """A short decode timed with every expert resident, and the routing it took."""
