@@ -435,7 +435,11 @@ def _install_hooks(model: nn.Module, runtime: OffloadRuntime, spec: MoeSpec) -> 
         clock["prefill"] = ids.shape[1] > 1
         clock["start"] = time.perf_counter()
 
+    on_gpu = runtime.device != "cpu"
+
     def after(module, args, kwargs, output):
+        if on_gpu:  # the forward only queued its kernels: time them, not their launch
+            torch.cuda.synchronize(runtime.device)
         seconds = time.perf_counter() - clock.pop("start", time.perf_counter())
         if clock.get("prefill"):
             stats.add(tokens_prefill=clock["tokens"], seconds_prefill=seconds)
