@@ -8,6 +8,7 @@ import torch
 import moe_offload
 from families import NAMED, dequantized_reference
 from moe_offload import kernels, kernels_layer
+from moe_offload.quant import effective_group
 from moe_offload.store import Store
 from moe_offload.synthetic import build_random_moe, tiny_moe_config
 
@@ -108,3 +109,29 @@ def test_rowtile_is_refused_where_it_cannot_store(tmp_path, tiny_src):
     with pytest.raises(moe_offload.MoeOffloadError, match="expert_format"):
         moe_offload.convert(tiny_src, tmp_path / "x", expert_format="mxfp4", progress=False)
     assert not (tmp_path / "x").exists()
+    with pytest.raises(moe_offload.MoeOffloadError, match="rowtile format reads groups of 32, 64, 128"):
+        moe_offload.convert(tiny_src, tmp_path / "x", expert_bits=2, group_size=16, expert_format="rowtile",
+                            progress=False)
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("bits,group", [(2, 32), (8, 128)])
+def test_rowtile_at_2_and_8_bits_moves_the_default_group_into_its_range(tmp_path, tiny_src, bits, group):
+    """2-bit's default group (16) and 8-bit's per-row scale (group 0) are groups rowtile cannot read:
+    an explicit rowtile store takes the nearest it can (first seen failing on the GPU check)."""
+    store = moe_offload.convert(tiny_src, tmp_path / "st", expert_bits=bits, dense_bits=4, expert_format="rowtile",
+                                progress=False)
+    st = Store.open(store)
+    assert st.manifest["quant"]["expert_group"] == group
+    assert {m["fmt"] for m in st.layout.matrices.values()} == {"rowtile"}
+    assert all(m["group"] == effective_group(m["k"], group) for m in st.layout.matrices.values())
+    ids = torch.randint(0, 256, (1, 7))
+    model = moe_offload.load(store)
+    try:
+        with torch.no_grad():
+            fast = model(ids).logits
+            with kernels.use_reference():
+                reference = model(ids).logits
+    finally:
+        model.close()
+    assert (fast - reference).abs().max().item() <= 0.05 * reference.abs().max().item()

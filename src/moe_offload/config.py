@@ -13,6 +13,7 @@ DENSE_BITS = (4, 8, 16)
 # group size keeps 8-bit per-group.
 DEFAULT_GROUP = {2: 16, 3: 64, 4: 64, 8: 0}
 EXPERT_FORMATS = ("auto", "rowtile", "int4pack")
+ROWTILE_GROUPS = (32, 64, 128)  # the groups the rowtile kernels read (kernels_layer.py)
 POLICIES = ("lru", "lfu")  # eviction: least recently / least frequently used (README, "Cache policies")
 SCOPES = ("layer", "global")
 
@@ -41,9 +42,20 @@ class QuantConfig:
             raise MoeOffloadError(f"dense_bits must be one of {DENSE_BITS}, got {self.dense_bits}")
         if self.group_size is not None and (self.group_size < 8 or self.group_size & (self.group_size - 1)):
             raise MoeOffloadError(f"group_size must be a power of two >= 8, got {self.group_size}")
+        if self.expert_format == "rowtile" and self.group_size is not None and self.group_size not in ROWTILE_GROUPS:
+            raise MoeOffloadError(f"the rowtile format reads groups of {', '.join(map(str, ROWTILE_GROUPS))} weights, "
+                                  f"not {self.group_size}")
 
     def group_for(self, bits: int) -> int:
         return self.group_size if self.group_size is not None else DEFAULT_GROUP.get(bits, 64)
+
+    def expert_group(self) -> int:
+        """The experts' group size. An explicit "rowtile" keeps the bit width's default within the
+        groups its kernels read (2-bit's 16 becomes 32; 8-bit's per-row scale, group 0, becomes 128)."""
+        group = self.group_for(self.expert_bits)
+        if self.expert_format == "rowtile" and self.group_size is None:
+            return min(max(group, ROWTILE_GROUPS[0]), ROWTILE_GROUPS[-1]) if group else ROWTILE_GROUPS[-1]
+        return group
 
 
 @dataclass(frozen=True)

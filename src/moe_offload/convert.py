@@ -172,7 +172,7 @@ def _quantize_expert(cmap: CheckpointMap, sources, spec: MoeSpec, job: tuple[int
     "down" [H, I]; biases as float32 vectors."""
     layer, expert = job
     first = "gate_up_proj" if spec.has_gate else "up_proj"
-    bits, group = quant.expert_bits, quant.group_for(quant.expert_bits)
+    bits, group = quant.expert_bits, quant.expert_group()
     out = {}
     for name, param in (("gate_up", first), ("down", "down_proj")):
         w = cmap.expert_tensor(sources, layer, param, expert)
@@ -234,7 +234,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, expert_bits: int 
                        "format": sources.source_format, "skipped_tensors": len(cmap.skipped)},
             "quant": {"expert_bits": quant.expert_bits, "dense_bits": quant.dense_bits,
                       "expert_format": quant.expert_format,
-                      "expert_group": quant.group_for(quant.expert_bits) if quant.expert_bits < 16 else None,
+                      "expert_group": quant.expert_group() if quant.expert_bits < 16 else None,
                       "dense_group": quant.group_for(quant.dense_bits) if quant.dense_bits < 16 else None},
             "int4pack_layout": int4pack_layout_id(),
             "num_moe_layers": len(spec.layers), "moe_layers": spec.moe_layers, "num_experts": spec.num_experts,

@@ -25,12 +25,13 @@ import torch
 import torch.nn.functional as F
 
 from . import kernels_grouped
+from .config import ROWTILE_GROUPS
 from .errors import MoeOffloadError
 from .quant import QMatrix, effective_group, hqq_codes, minmax_codes, refit
 
 FMT = "rowtile"
 BITS = (2, 3, 4, 8)
-GROUPS = (32, 64, 128)
+GROUPS = ROWTILE_GROUPS
 ROWS = 16  # rows per tile: one int32 lane each in a 512-bit vector
 _STEP_BYTES = {2: 128, 3: 192, 4: 256, 8: 512}  # code bytes per 32 k of one row block
 VARIANTS = ("vnni512", "vnni256", "portable")
