@@ -201,3 +201,28 @@ def test_numba_is_reserved_for_until_it_is_loaded(monkeypatch):
     monkeypatch.delitem(sys.modules, "numba")
     assert memory.numba_still_to_load({"rowtile"}) == memory.numba_still_to_load({"grouped"}) == memory.NUMBA_RESERVE
     assert memory.numba_still_to_load({"int4pack", "int8", "dense"}) == 0
+
+
+def test_auto_on_a_gpu_sizes_from_free_vram(tiny_store4, monkeypatch):
+    """--device cuda with auto (the CLI's default): the free VRAM, less the dense part that moves there,
+    the runtime reserve and the largest matrix's dequantization temporaries. The sizing is plain
+    arithmetic, checked here with the device's free memory injected (tests/test_cuda.py runs it on a GPU)."""
+    from moe_offload.config import OffloadConfig
+    from moe_offload.model import _all_formats, auto_slots_per_pool
+    from moe_offload.store import Store
+
+    st = Store.open(tiny_store4)
+    host = []
+    monkeypatch.setattr(memory, "available_memory", lambda *a, **k: host.append(1) or memory.Available(10**12, "host"))
+    kept = (memory.RUNTIME_RESERVE + st.manifest["dense_file_size"]
+            + memory.DEVICE_DEQUANTIZE_BYTES_PER_WEIGHT * max(m["n"] * m["k"] for m in _all_formats(st)))
+    free = int((kept + 3 * st.num_layers * st.blob_size + 1000) / (1 - memory.SAFETY_FRACTION)) + 1
+    asked = []
+    monkeypatch.setattr(memory, "available_device_memory",
+                        lambda device: asked.append(device) or memory.Available(free, "free on the injected GPU"))
+    per_pool, said = auto_slots_per_pool(st, OffloadConfig(device="cuda:1", expert_cache="auto"), loaded=True)
+    assert (per_pool, asked, host) == (3, ["cuda:1"], [])
+    assert "free on the injected GPU" in said
+    monkeypatch.setattr(memory, "available_device_memory", lambda device: memory.Available(kept, "tiny GPU"))
+    with pytest.raises(MoeOffloadError, match="smallest cache"):
+        auto_slots_per_pool(st, OffloadConfig(device="cuda", expert_cache="auto"))

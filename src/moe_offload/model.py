@@ -136,9 +136,16 @@ def auto_slots_per_pool(store: Store, cfg: OffloadConfig, loaded: bool = False) 
     """`expert_cache="auto"`: slots per pool from the memory available now (memory.py), and the
     sentence saying what was chosen. `loaded`: the dense part is already in memory (load() sizes the
     cache after it); otherwise its stored size is counted as still to come."""
-    available = memory.available_memory()
-    still_needed = (memory.RUNTIME_RESERVE + memory.numba_still_to_load({m["fmt"] for m in _all_formats(store)})
-                    + (0 if loaded else store.manifest["dense_file_size"]))
+    if cfg.device != "cpu":  # VRAM: the dense part moves there after the cache is made, and each
+        # product dequantizes its matrix on the device first (memory.DEVICE_DEQUANTIZE_BYTES_PER_WEIGHT)
+        available = memory.available_device_memory(cfg.device)
+        largest = max(m["n"] * m["k"] for m in _all_formats(store))
+        still_needed = (memory.RUNTIME_RESERVE + store.manifest["dense_file_size"]
+                        + memory.DEVICE_DEQUANTIZE_BYTES_PER_WEIGHT * largest)
+    else:
+        available = memory.available_memory()
+        still_needed = (memory.RUNTIME_RESERVE + memory.numba_still_to_load({m["fmt"] for m in _all_formats(store)})
+                        + (0 if loaded else store.manifest["dense_file_size"]))
     pools = store.num_layers if cfg.cache_scope == "layer" else 1
     return memory.auto_cache_slots(available.bytes, still_needed, store.blob_size, experts=store.num_experts,
                                    top_k=store.top_k, pools=pools, layers=store.num_layers, source=available.source)
@@ -176,9 +183,6 @@ def load(store: str | os.PathLike, *, device: str = "cpu", expert_cache: int | s
         raise MoeOffloadError(f"{st.path} was converted on a CPU whose int4 weight layout differs from this one's; "
                               "run `moe-offload convert` again on this machine")
     auto = cfg.auto_budget()
-    if auto and device != "cpu":  # auto reads host memory; a GPU's slots need the VRAM budget given
-        raise MoeOffloadError(f"expert_cache='auto' sizes the cache from host RAM; with device {device!r} give the "
-                              "VRAM budget: --expert-cache SIZE (expert_cache=...) or --experts-per-layer K")
     per_pool = None if auto else slots_per_pool(st, cfg)  # a budget below the minimum fails here, before loading
     model = build_meta_model(config, moe.IMPLEMENTATION, dtype)
     spec = describe(model)
