@@ -2,8 +2,8 @@
 offload path on quantized stores, hybrid CPU compute. Marked `cuda`: run them with `pytest -m cuda`
 (tools/gpu_check.sh); without a CUDA device every test here is skipped, saying why.
 
-NOT RUN YET: written on machines without a GPU (README, "GPU tier"). The same logic with the
-"device" in host memory is tested on the CPU in tests/test_tiers.py.
+Run once on an H200 (README, "GPU tier"); the same logic with the "device" in host memory is
+tested on the CPU in tests/test_tiers.py.
 """
 import json
 

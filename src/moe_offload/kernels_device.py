@@ -8,7 +8,8 @@ then multiplies. That is the simple device path the issue allows next to the fus
 the dequantization of one expert costs far less than copying it over PCIe.
 
 `dequantize` must equal quant.dequantize (the reference) exactly, on every format: tests check it
-on the CPU, where the same ops run. NOT RUN ON A GPU YET (README, "GPU tier").
+on the CPU, where the same ops run, and on a GPU by tests/test_cuda.py (run once on an H200:
+README, "GPU tier", which also says why this path is slow there).
 """
 from __future__ import annotations
 

@@ -166,7 +166,7 @@ def load(store: str | os.PathLike, *, device: str = "cpu", expert_cache: int | s
 
     `device="cuda"` puts the dense part, the KV cache and the expert slots (`expert_cache`: the VRAM
     budget) on the GPU, with a pinned host-RAM cache of `host_cache` bytes in front of the disk
-    (README, "GPU tier": not run on a GPU yet). With `device="cpu"` and a `host_cache`, the same three
+    (README, "GPU tier"). With `device="cpu"` and a `host_cache`, the same three
     tiers run with the "device" slots in host memory (the stand-in the CPU tests use).
     """
     from transformers import AutoConfig, GenerationConfig

@@ -1,7 +1,7 @@
 """The GPU tier's transport: pinned host slots -> VRAM slots on a copy stream, and its measurements.
 
-NOT RUN ON A GPU YET: the machines this was written on have no GPU (README, "GPU tier"); the CUDA
-tests (`pytest -m cuda`, tests/test_cuda.py) exercise it where one is available. Imported only by
+Run once on an H200 (README, "GPU tier": 81 GB/s host -> device, 29 µs per copy); the CUDA tests
+(`pytest -m cuda`, tests/test_cuda.py) exercise it where a GPU is available. Imported only by
 `model.load`, and only when a CUDA device is asked for: nothing imports CUDA otherwise. It has the
 interface of tiers.HostCopy, the CPU stand-in the CPU tests run.
 """
