@@ -5,7 +5,8 @@
 #     bash tools/gpu_check.sh            (writes everything into $OUT)
 # It (1) builds the random --shape quarter model and its 4-bit store in the background (CPU work),
 # (2) runs the CUDA test group meanwhile, (3) runs one short bench on that store with a VRAM budget of
-# 25% of the experts (2 of 8 per layer): modes offload, resident and accelerate, JSON into $OUT.
+# 25% of the experts (2 of 8 per layer): modes offload, resident and accelerate, JSON into $OUT;
+# (4) times the candidate GPU products for the stored formats (tools/gpu_kernels.py).
 # Each step has its own timeout so that the others still report; step times go to $OUT/steps.txt.
 #
 # Dependencies: the machine's python3 has CUDA torch, safetensors, tokenizers, numba, accelerate,
@@ -77,4 +78,8 @@ if a and o:
     print(f"offload / accelerate decode: {o / a:.2f}x (target >= 3x)")
 PYEOF
 fi
+step "candidate GPU products (tools/gpu_kernels.py)"
+timeout "${KERNELS_TIMEOUT:-120}" $PY tools/gpu_kernels.py --json "$OUT/gpu_kernels.json" >"$OUT/gpu_kernels.txt" 2>&1
+step "kernels done (exit $?)"
+tail -12 "$OUT/gpu_kernels.txt"
 step "end"
