@@ -1,6 +1,7 @@
 """Memory: `--expert-cache auto` sizing on injected numbers and fake /proc and cgroup trees, the
 stored-width embedding, and the memory split in the statistics."""
 import argparse
+import os
 
 import pytest
 import torch
@@ -226,3 +227,48 @@ def test_auto_on_a_gpu_sizes_from_free_vram(tiny_store4, monkeypatch):
     monkeypatch.setattr(memory, "available_device_memory", lambda device: memory.Available(kept, "tiny GPU"))
     with pytest.raises(MoeOffloadError, match="smallest cache"):
         auto_slots_per_pool(st, OffloadConfig(device="cuda", expert_cache="auto"))
+
+
+def _mapping_rss_kib(path) -> int:
+    rss, inside = 0, False
+    for line in open("/proc/self/smaps"):
+        fields = line.split()
+        if "-" in fields[0] and len(fields) >= 5 and ":" in fields[3]:
+            inside = len(fields) >= 6 and fields[5] == str(path)
+        elif inside and fields[0] == "Rss:":
+            rss += int(fields[1])
+    return rss
+
+
+def test_page_out_gives_back_a_file_mappings_resident_pages(tmp_path):
+    """What the warm-up does to LLVM's library once the kernels are loaded, on a file of our own."""
+    import mmap
+
+    path = tmp_path / "library-like.bin"
+    with open(path, "wb") as f:  # written back, so its pages are clean like a library's
+        f.write(os.urandom(8 << 20))
+        f.flush()
+        os.fsync(f.fileno())
+    with open(path, "rb") as f:
+        m = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+    try:
+        assert sum(m[i] for i in range(0, len(m), 4096)) >= 0  # touch every page
+        before = _mapping_rss_kib(path)
+        assert before >= 8 * 1024 - 64
+        assert memory.page_out_mappings("library-like.bin") == 8 << 20
+        assert _mapping_rss_kib(path) < before / 4
+        assert memory.page_out_mappings("no-such-mapping") == 0
+        assert m[:16] == path.read_bytes()[:16]  # still readable: a page needed again is read back
+    finally:
+        m.close()
+
+
+def test_commands_other_than_serve_do_not_import_the_web_stack():
+    """fastapi, starlette and pydantic cost ~7 MiB in every process that imports them."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from moe_offload.cli import build_parser; build_parser(); "
+            "print([m for m in ('fastapi', 'starlette', 'pydantic', 'uvicorn') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -34,6 +34,7 @@ SAFETY_FRACTION = 0.05  # of the available memory, kept free on top of the reser
 # largest matrix. Measured on the CPU, where the same ops run: 23 bytes per weight for rowtile,
 # 53 for int4pack (with its cached gather index).
 DEVICE_DEQUANTIZE_BYTES_PER_WEIGHT = 56
+MADV_PAGEOUT = 21  # <linux/mman.h>
 NO_LIMIT = 1 << 60  # cgroup v1 writes "no limit" as a number near 2**63
 
 
@@ -57,6 +58,29 @@ def available_device_memory(device: str) -> Available:
 
     free, total = torch.cuda.mem_get_info(torch.device(device))
     return Available(free, f"free of {format_size(total)} on {device} (torch.cuda.mem_get_info)")
+
+
+def page_out_mappings(path_part: str) -> int:
+    """Give back the resident pages of this process's file mappings whose path contains `path_part`
+    (madvise MADV_PAGEOUT, Linux 5.4+); returns the bytes of the ranges advised, 0 where that is not
+    possible. For libraries used only while loading: numba's LLVM (libllvmlite, ~70 MiB touched to
+    load the cached kernels, not touched again while they run). A page needed again is read back."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        maps = Path("/proc/self/maps").read_text().splitlines()
+    except (OSError, AttributeError):
+        return 0
+    advised = 0
+    for line in maps:
+        fields = line.split()
+        if len(fields) >= 6 and path_part in fields[5]:
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            if libc.madvise(lo, hi - lo, MADV_PAGEOUT) == 0:
+                advised += hi - lo
+    return advised
 
 
 def rss_bytes() -> int:

@@ -11,6 +11,7 @@ import json
 import math
 import mmap
 import os
+import sys
 import time
 from types import MethodType
 
@@ -244,6 +245,8 @@ def load(store: str | os.PathLike, *, device: str = "cpu", expert_cache: int | s
             kernels_layer.warm_up()  # every run calls them; the first load costs ~0.5 s (LLVM), a compile 10 s or more
         if prompt_rows is None or prompt_rows >= kernels_int4pack.PREFILL_ROWS:
             kernels_int4pack.warm_up(int4pack_shapes)
+        if "numba" in sys.modules:  # LLVM's library pages served the kernels' loading only
+            memory.page_out_mappings("libllvmlite")
 
     model.offload_warm_up = MethodType(warm_up, model)
     return model

@@ -16,14 +16,23 @@ The generation core (engine.py) is shared with `moe-offload chat`.
   cli.py         the `serve` subcommand
 """
 from ..engine import Engine, SamplingParams, chat_prompt_ids
-from .app import create_app
 from .cli import add_parser, add_serve_parser, bind_socket, run_server
 from .metrics import prometheus_text
-from .schemas import ApiError, ChatCompletionRequest, ChatMessage, CompletionRequest, OpenAIRequest
 from .settings import ServerSettings
 
-# fastapi and transformers are imported where used: the CLI imports this module for every
-# command, and they would add a second or more to `moe-offload --help`.
+# The CLI imports this module for every command: the web stack (fastapi, starlette, pydantic: ~7 MiB
+# of memory and a few hundred milliseconds) is imported on first use of a name that needs it.
+_LAZY = {"create_app": ".app", "ApiError": ".schemas", "ChatCompletionRequest": ".schemas",
+         "ChatMessage": ".schemas", "CompletionRequest": ".schemas", "OpenAIRequest": ".schemas"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["Engine", "SamplingParams", "chat_prompt_ids", "create_app", "add_parser", "add_serve_parser",
            "bind_socket", "run_server", "prometheus_text", "ApiError", "ChatCompletionRequest", "ChatMessage",

@@ -6,7 +6,6 @@ import socket
 from pathlib import Path
 
 from ..engine import Engine, load_model
-from .app import create_app
 from .settings import ServerSettings
 
 
@@ -57,6 +56,8 @@ def bind_socket(host: str, port: int) -> socket.socket:
 def run_server(args) -> None:
     import moe_offload
     import uvicorn
+
+    from .app import create_app  # the web stack, only for this command
 
     for name in ("max_queue", "max_tokens_limit"):
         if getattr(args, name) < 1:
