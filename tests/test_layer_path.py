@@ -101,6 +101,19 @@ def test_warm_up_loads_the_rowtile_kernels_and_int4pack_prefill_only_for_long_pr
         assert warmed[1] == "rowtile" and warmed[2][0] == "int4pack"  # no prompt size: every kernel
     finally:
         model.close()
+    # chat and serve load through engine.load_model, which warms every kernel before the first prompt
+    import argparse
+
+    from moe_offload.engine import load_model
+
+    warmed.clear()
+    args = argparse.Namespace(store=str(store), expert_cache=None, experts_per_layer=2, prefetch=2, lookahead=1,
+                              cache_scope="layer")
+    model, _ = load_model(args)
+    try:
+        assert warmed[0] == "rowtile" and warmed[1][0] == "int4pack"
+    finally:
+        model.close()
 
 
 def test_rowtile_is_refused_where_it_cannot_store(tmp_path, tiny_src):

@@ -286,6 +286,9 @@ def load_model(args):
     model = moe_offload.load(args.store, **load_kwargs(args))  # checks the store, says what is wrong
     announce_cache(model)
     try:
+        # Every kernel now (chats and requests bring long prompts), not inside the first answer; this
+        # also gives LLVM's library pages back before the cache fills.
+        model.offload_warm_up()
         tokenizer = AutoTokenizer.from_pretrained(args.store, local_files_only=True)
     except BaseException:
         model.close()
