@@ -21,7 +21,7 @@ from .metrics import prometheus_text
 from .settings import ServerSettings
 
 # The CLI imports this module for every command: the web stack (fastapi, starlette, pydantic: ~7 MiB
-# of memory and a few hundred milliseconds) is imported on first use of a name that needs it.
+# of memory, ~80 ms) is imported on first use of a name that needs it.
 _LAZY = {"create_app": ".app", "ApiError": ".schemas", "ChatCompletionRequest": ".schemas",
          "ChatMessage": ".schemas", "CompletionRequest": ".schemas", "OpenAIRequest": ".schemas"}
 
