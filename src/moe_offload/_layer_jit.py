@@ -34,6 +34,10 @@ _OPTS = dict(nogil=True, cache=True, error_model="numpy", boundscheck=False)
 
 TAGS = {"vnni512": np.int8, "vnni256": np.int16, "portable": np.int32}
 STEP_BYTES = {2: 128, 3: 192, 4: 256, 8: 512}  # bytes of codes per 32 k of 16 rows
+# Units a thread claims at once in a layer call: consecutive units lie next to each other in memory,
+# so each thread reads longer runs (measured, interleaved calls from RAM: 1 -> 4 was 6% faster on
+# the quarter and the Qwen3-style shapes; 8 no better).
+CLAIM = 4
 
 _i8, _i16, _i32, _i64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
 _f32, _f16 = ir.FloatType(), ir.HalfType()
@@ -306,35 +310,38 @@ def _thread(tag, x, wts, addrs, meta, inter, xq, hq, xs, xsum, hs, hsum, hb, y, 
     total1 = E * ng2
     total2 = (H + 15) // 16
     while True:
-        u = atomic_add(counters, 0, 1)
-        if u >= total1:
+        u0 = atomic_add(counters, 0, CLAIM)
+        if u0 >= total1:
             break
-        e = u // ng2
-        c = u - e * ng2
-        for half in range(2):  # hb = the chunk's gate values, then its up values
-            for r in range(g2 // 16):
-                rb = (half * inter + c * g2) // 16 + r
-                rowblock(tag, addrs[0, e] + rb * ng1 * t1, t1, b1, 0, ng1, g1, xq.ctypes.data, xs.ctypes.data,
-                         xsum.ctypes.data, hb.ctypes.data + (half * g2 + r * 16) * 4)
-        for j in range(g2):
-            hb[j] = _silu(hb[j]) * hb[g2 + j]
-        _quant_group(hb[:g2], hq[e, c * g2:(c + 1) * g2], hs[e, c:c + 1], hsum[e, c:c + 1], 0, g2)
-        atomic_add(counters, 1, 1)
+        u1 = min(u0 + CLAIM, total1)
+        for u in range(u0, u1):
+            e = u // ng2
+            c = u - e * ng2
+            for half in range(2):  # hb = the chunk's gate values, then its up values
+                for r in range(g2 // 16):
+                    rb = (half * inter + c * g2) // 16 + r
+                    rowblock(tag, addrs[0, e] + rb * ng1 * t1, t1, b1, 0, ng1, g1, xq.ctypes.data, xs.ctypes.data,
+                             xsum.ctypes.data, hb.ctypes.data + (half * g2 + r * 16) * 4)
+            for j in range(g2):
+                hb[j] = _silu(hb[j]) * hb[g2 + j]
+            _quant_group(hb[:g2], hq[e, c * g2:(c + 1) * g2], hs[e, c:c + 1], hsum[e, c:c + 1], 0, g2)
+        atomic_add(counters, 1, u1 - u0)
     while atomic_load(counters, 1) < total1:
         yield_cpu()
     acc = hb[:16]
     while True:
-        u = atomic_add(counters, 2, 1)
-        if u >= total2:
+        u0 = atomic_add(counters, 2, CLAIM)
+        if u0 >= total2:
             break
-        out = y[u * 16:u * 16 + 16]
-        out[:] = 0
-        for e in range(E):
-            rowblock(tag, addrs[1, e] + u * ng2 * t2, t2, b2, 0, ng2, g2, hq[e].ctypes.data, hs[e].ctypes.data,
-                     hsum[e].ctypes.data, acc.ctypes.data)
-            w = wts[e]
-            for j in range(16):
-                out[j] += w * acc[j]
+        for u in range(u0, min(u0 + CLAIM, total2)):
+            out = y[u * 16:u * 16 + 16]
+            out[:] = 0
+            for e in range(E):
+                rowblock(tag, addrs[1, e] + u * ng2 * t2, t2, b2, 0, ng2, g2, hq[e].ctypes.data, hs[e].ctypes.data,
+                         hsum[e].ctypes.data, acc.ctypes.data)
+                w = wts[e]
+                for j in range(16):
+                    out[j] += w * acc[j]
 
 
 @njit(parallel=True, **_OPTS)
@@ -350,10 +357,10 @@ def layer(tag, x, wts, addrs, meta, inter, bbuf, fbuf, counters, nthreads):
     1. units (expert, chunk of one down group of intermediate rows): gate and up rows of the chunk,
        silu * up, quantized to int8 (the down input of that group);
     2. units (row block of the output): every expert's down rows, weighted sum.
-    Threads claim units with an atomic counter, so a thread that starts late (or never: a thread
-    pool that runs the iterations one after another) leaves its units to the others; phase 2
-    waits until every phase-1 unit is done, which only waits on units already claimed by a
-    running thread: it cannot deadlock.
+    Threads claim CLAIM units at a time with an atomic counter, so a thread that starts late (or
+    never: a thread pool that runs the iterations one after another) leaves its units to the
+    others; phase 2 waits until every phase-1 unit is done, which only waits on units already
+    claimed by a running thread: it cannot deadlock.
     """
     xq, hq, xs, xsum, hs, hsum, hbuf, y = _views(x, addrs, meta, inter, bbuf, fbuf, nthreads)
     _prologue(x, meta, xq, xs, xsum, counters)
