@@ -303,3 +303,16 @@ def test_cache_slots_are_advised_for_huge_pages(tiny_store4):
         assert buffer.numel() < HUGE_PAGE or eligible(buffer) == "1"
     finally:
         model.close()
+
+
+def test_resident_bytes_counts_the_touched_pages_of_a_buffer():
+    """How the statistics tell the expert cache's touched slots from the rest of the process."""
+    import mmap
+
+    from moe_offload.loader import aligned_buffer
+
+    buf = aligned_buffer(64 * mmap.PAGESIZE)
+    assert memory.resident_bytes(buf) == 0
+    buf[:5 * mmap.PAGESIZE + 1].fill_(1)  # six pages touched
+    assert memory.resident_bytes(buf) in range(6 * mmap.PAGESIZE, 64 * mmap.PAGESIZE + 1)
+    assert memory.resident_bytes(buf[:0]) == 0

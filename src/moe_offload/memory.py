@@ -83,6 +83,23 @@ def page_out_mappings(path_part: str) -> int:
     return advised
 
 
+def resident_bytes(t) -> int:
+    """Bytes of a host tensor's pages that are in RAM now (mincore): of the cache buffer, the slots a
+    read has touched. The tensor must start on a page boundary (aligned_buffer's do)."""
+    import ctypes
+    import mmap
+
+    pages = -(-t.numel() * t.element_size() // mmap.PAGESIZE)
+    if not pages:
+        return 0
+    vec = (ctypes.c_ubyte * pages)()
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    if libc.mincore(t.data_ptr(), pages * mmap.PAGESIZE, vec) != 0:
+        raise OSError(ctypes.get_errno(), "mincore failed")
+    return bytes(vec).count(1) * mmap.PAGESIZE  # 1: resident (the other bits are reserved, 0)
+
+
 def rss_bytes() -> int:
     """The current resident set size of this process (VmRSS)."""
     return status_bytes("VmRSS")

@@ -218,6 +218,8 @@ def load(store: str | os.PathLike, *, device: str = "cpu", expert_cache: int | s
         raise
     stats.memory = dict(baseline_bytes=baseline, dense_bytes=dense, dense_mapped_bytes=mapped,
                         cache_bytes=runtime.cache.buffer.numel())
+    if not runtime.cache.buffer.is_cuda:
+        stats.cache_touched = lambda: memory.resident_bytes(runtime.cache.buffer)
     if device != "cpu":
         model.to(device)
     first_experts = model.get_submodule(spec.layers[0].experts)._offload

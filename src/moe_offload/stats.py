@@ -42,6 +42,7 @@ class OffloadStats:
         # Set by load(): the process's memory before the model's tensors (torch, transformers and the
         # other libraries), the dense part's tensors, the expert cache's slots; and how the cache was sized.
         self.memory: dict[str, int] = {}
+        self.cache_touched = None  # () -> bytes of the host cache buffer in RAM (set by model.load)
         self.cache_choice = ""
         self.reset()
 
@@ -136,9 +137,9 @@ class OffloadStats:
             return {}
         peak = peak_rss_bytes()
         split = dict(self.memory)
-        # The slots are one shared anonymous mapping: its pages count once a read has touched them.
-        touched = status_bytes("RssShmem")
-        split["cache_resident_bytes"] = min(split["cache_bytes"], touched) if touched else split["cache_bytes"]
+        # The slots count once a read has touched them (model.load gives the measure; none on a GPU).
+        touched = self.cache_touched() if self.cache_touched else split["cache_bytes"]
+        split["cache_resident_bytes"] = min(split["cache_bytes"], touched)
         split["rest_bytes"] = max(0, peak - split["baseline_bytes"] - split["dense_bytes"] - split["cache_resident_bytes"])
         split["peak_rss_bytes"] = peak
         return split
