@@ -316,3 +316,10 @@ def test_resident_bytes_counts_the_touched_pages_of_a_buffer():
     buf[:5 * mmap.PAGESIZE + 1].fill_(1)  # six pages touched
     assert memory.resident_bytes(buf) in range(6 * mmap.PAGESIZE, 64 * mmap.PAGESIZE + 1)
     assert memory.resident_bytes(buf[:0]) == 0
+
+
+def test_resident_bytes_says_none_where_the_system_cannot_tell():
+    from moe_offload.loader import aligned_buffer
+
+    buf = aligned_buffer(1 << 20)
+    assert memory.resident_bytes(buf[1:]) is None  # not on a page boundary: mincore refuses

@@ -83,9 +83,10 @@ def page_out_mappings(path_part: str) -> int:
     return advised
 
 
-def resident_bytes(t) -> int:
+def resident_bytes(t) -> int | None:
     """Bytes of a host tensor's pages that are in RAM now (mincore): of the cache buffer, the slots a
-    read has touched. The tensor must start on a page boundary (aligned_buffer's do)."""
+    read has touched. The tensor must start on a page boundary (aligned_buffer's do). None where
+    the system cannot tell."""
     import ctypes
     import mmap
 
@@ -93,10 +94,13 @@ def resident_bytes(t) -> int:
     if not pages:
         return 0
     vec = (ctypes.c_ubyte * pages)()
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    except (OSError, AttributeError):
+        return None
     if libc.mincore(t.data_ptr(), pages * mmap.PAGESIZE, vec) != 0:
-        raise OSError(ctypes.get_errno(), "mincore failed")
+        return None
     return bytes(vec).count(1) * mmap.PAGESIZE  # 1: resident (the other bits are reserved, 0)
 
 

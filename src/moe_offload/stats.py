@@ -138,8 +138,8 @@ class OffloadStats:
         peak = peak_rss_bytes()
         split = dict(self.memory)
         # The slots count once a read has touched them (model.load gives the measure; none on a GPU).
-        touched = self.cache_touched() if self.cache_touched else split["cache_bytes"]
-        split["cache_resident_bytes"] = min(split["cache_bytes"], touched)
+        touched = self.cache_touched() if self.cache_touched else None
+        split["cache_resident_bytes"] = split["cache_bytes"] if touched is None else min(split["cache_bytes"], touched)
         split["rest_bytes"] = max(0, peak - split["baseline_bytes"] - split["dense_bytes"] - split["cache_resident_bytes"])
         split["peak_rss_bytes"] = peak
         return split
