@@ -6,13 +6,14 @@ Batch 1, 4-bit, group 64, two shapes: the quarter-Mixtral expert (H=1024, I=3584
 Qwen3-style one (H=512, I=192, top-8 of 128). Each shape gets enough distinct experts (copies of
 a few quantized ones at distinct addresses, in one buffer made as the expert cache makes its
 slots: 2 MiB pages) to fill --mb MB, more than the caches, and the calls walk through them in
-turn, so every call reads its weights from RAM. GB/s = bytes of the stored
-expert tensors the call reads / median time; % of RAM bandwidth = that / the best bandwidth
-measured. Cache-warm rows (the same experts every call) show the compute ceiling, and the cost
-of a tiny call the fixed cost (Python, dispatch, launch). The RAM bandwidth is measured here too (a 1 GiB torch sum,
-two threads, on 2 MiB pages like the experts; the 4 KiB figure is printed beside it), and every timing holds /tmp/cpu.lock (the machine is shared: the load average is
-printed with the numbers). Also prints the error the int8 activations add (kernel vs the fp32
-reference on the same quantized weights).
+turn, so every call reads its weights from RAM. GB/s = bytes of the stored expert tensors the
+call reads / median time; % of RAM bandwidth = that / the best bandwidth measured. Cache-warm
+rows (the same experts every call) show the compute ceiling, and the cost of a tiny call the
+fixed cost (Python, dispatch, launch). The RAM bandwidth is measured here too (a 1 GiB torch sum,
+two threads, on 2 MiB pages like the experts; the 4 KiB figure is printed beside it), and every
+timing holds /tmp/cpu.lock (the machine is shared: the load average is printed with the
+numbers). Also prints the error the int8 activations add (kernel vs the fp32 reference on the
+same quantized weights).
 """
 import argparse
 import contextlib
