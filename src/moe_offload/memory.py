@@ -9,6 +9,7 @@ use, allocator slack) and a safety margin; at most every expert, at least the ro
 """
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from dataclasses import dataclass
@@ -60,18 +61,31 @@ def available_device_memory(device: str) -> Available:
     return Available(free, f"free of {format_size(total)} on {device} (torch.cuda.mem_get_info)")
 
 
-def page_out_mappings(path_part: str) -> int:
-    """Give back the resident pages of this process's file mappings whose path contains `path_part`
-    (madvise MADV_PAGEOUT, Linux 5.4+); returns the bytes of the ranges advised, 0 where that is not
-    possible. For libraries used only while loading: numba's LLVM (libllvmlite, ~70 MiB touched to
-    load the cached kernels, not touched again while they run). A page needed again is read back."""
+@functools.lru_cache(maxsize=1)
+def _libc():
+    """libc through ctypes with the signatures used here (madvise, mincore); None where it has none."""
     import ctypes
 
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        maps = Path("/proc/self/maps").read_text().splitlines()
+        libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
     except (OSError, AttributeError):
+        return None
+    return libc
+
+
+def page_out_mappings(path_part: str) -> int:
+    """Give back the resident pages of this process's file mappings whose path contains `path_part`
+    (madvise MADV_PAGEOUT, Linux 5.4+); returns the bytes of the ranges advised, 0 where that is not
+    possible. For libraries used only while loading: numba's LLVM (libllvmlite, ~70 MiB touched to
+    load the cached kernels, not touched again while they run). A page needed again is read back."""
+    libc = _libc()
+    try:
+        maps = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return 0
+    if libc is None:
         return 0
     advised = 0
     for line in maps:
@@ -94,12 +108,8 @@ def resident_bytes(t) -> int | None:
     if not pages:
         return 0
     vec = (ctypes.c_ubyte * pages)()
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-    except (OSError, AttributeError):
-        return None
-    if libc.mincore(t.data_ptr(), pages * mmap.PAGESIZE, vec) != 0:
+    libc = _libc()
+    if libc is None or libc.mincore(t.data_ptr(), pages * mmap.PAGESIZE, vec) != 0:
         return None
     return bytes(vec).count(1) * mmap.PAGESIZE  # 1: resident (the other bits are reserved, 0)
 
