@@ -82,10 +82,8 @@ def page_out_mappings(path_part: str) -> int:
     load the cached kernels, not touched again while they run). A page needed again is read back."""
     libc = _libc()
     try:
-        maps = Path("/proc/self/maps").read_text().splitlines()
+        maps = Path("/proc/self/maps").read_text().splitlines() if libc is not None else []
     except OSError:
-        return 0
-    if libc is None:
         return 0
     advised = 0
     for line in maps:
