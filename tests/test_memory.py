@@ -229,15 +229,21 @@ def test_auto_on_a_gpu_sizes_from_free_vram(tiny_store4, monkeypatch):
         auto_slots_per_pool(st, OffloadConfig(device="cuda", expert_cache="auto"))
 
 
-def _mapping_rss_kib(path) -> int:
-    rss, inside = 0, False
+def _smaps_values(field: str, mapping) -> list[str]:
+    """`field` of every mapping of this process for which mapping(lo, hi, path) holds (/proc/self/smaps)."""
+    values, inside = [], False
     for line in open("/proc/self/smaps"):
         fields = line.split()
         if "-" in fields[0] and len(fields) >= 5 and ":" in fields[3]:
-            inside = len(fields) >= 6 and fields[5] == str(path)
-        elif inside and fields[0] == "Rss:":
-            rss += int(fields[1])
-    return rss
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            inside = mapping(lo, hi, fields[5] if len(fields) >= 6 else "")
+        elif inside and fields[0] == field + ":":
+            values.append(fields[1])
+    return values
+
+
+def _mapping_rss_kib(path) -> int:
+    return sum(int(v) for v in _smaps_values("Rss", lambda lo, hi, name: name == str(path)))
 
 
 def test_page_out_gives_back_a_file_mappings_resident_pages(tmp_path):
@@ -286,15 +292,7 @@ def test_cache_slots_are_advised_for_huge_pages(tiny_store4):
     big = aligned_buffer(4 * HUGE_PAGE)
 
     def eligible(t) -> str:
-        inside = False
-        for line in open("/proc/self/smaps"):
-            fields = line.split()
-            if "-" in fields[0] and len(fields) >= 5 and ":" in fields[3]:
-                lo, hi = (int(x, 16) for x in fields[0].split("-"))
-                inside = lo <= t.data_ptr() < hi
-            elif inside and fields[0] == "THPeligible:":
-                return fields[1]
-        return "?"
+        return (_smaps_values("THPeligible", lambda lo, hi, name: lo <= t.data_ptr() < hi) or ["?"])[0]
 
     assert eligible(big) == "1"
     model = moe_offload.load(tiny_store4, experts_per_layer=4)
