@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import kernels, kernels_int4pack, memory, moe, tiers
+from . import attention_decode, kernels, kernels_int4pack, memory, moe, norm_decode, tiers
 from .archs import MoeSpec, build_meta_model, describe
 from .cache import ExpertCache
 from .config import OffloadConfig, format_size, parse_size
@@ -29,6 +29,10 @@ from .prefetch import Prefetcher
 from .quant import QMatrix, int4pack_layout_id
 from .stats import OffloadStats
 from .store import DENSE_FILE, EXPERTS_FILE, Store
+
+
+# "1": transformers' own attention and norms at decode (attention_decode.py, norm_decode.py), for comparisons
+STOCK_DECODE = "MOE_OFFLOAD_STOCK_DECODE"
 
 
 class QuantLinear(nn.Module):
@@ -230,6 +234,9 @@ def load(store: str | os.PathLike, *, device: str = "cpu", expert_cache: int | s
     model.generation_config = _generation_config(st, config, GenerationConfig)
     model.eval()
     _install_hooks(model, runtime, spec)
+    if device == "cpu" and os.environ.get(STOCK_DECODE) != "1":
+        attention_decode.install(model)
+        norm_decode.install(model)
     model.offload_runtime = runtime
     model.offload_spec = spec
     model.offload_stats = MethodType(lambda self: self.offload_runtime.stats, model)

@@ -1,0 +1,134 @@
+"""numba kernels of a decode token outside the experts: attention on "rowtile" projections
+(attention_decode.py) and RMSNorm (norm_decode.py); loaded lazily. The attention kernels reuse the
+rowtile row-block step and activation rounding of _layer_jit.py, so the q/k/v/o products are the
+same floats as kernels_layer.linear gives.
+"""
+import numpy as np
+from numba import njit, prange
+
+from ._layer_jit import _OPTS, _quant_group, rowblock
+
+
+@njit(inline="always", error_model="numpy", boundscheck=False)
+def _quantized(x, group):
+    ng = x.shape[0] // group
+    xq = np.empty(x.shape[0], np.int8)
+    xs = np.empty(ng, np.float32)
+    xsum = np.empty(ng, np.float32)
+    for g in range(ng):
+        _quant_group(x, xq, xs, xsum, g, group)
+    return xq, xs, xsum
+
+
+@njit(inline="always", error_model="numpy", boundscheck=False)
+def _rms_norm(v, w, eps):
+    """v = w * v / rms(v), in place (transformers' RMSNorm: fp32 mean of squares, then scale)."""
+    ss = np.float32(0)
+    for i in range(v.shape[0]):
+        ss += v[i] * v[i]
+    r = np.float32(1) / np.sqrt(ss / np.float32(v.shape[0]) + eps)
+    for i in range(v.shape[0]):
+        v[i] = w[i] * (v[i] * r)
+
+
+@njit(**_OPTS)
+def rms_norm_rows(x, w, eps, y):
+    """y[r] = w * x[r] / rms(x[r]) for every row of x [R, H] (fp32)."""
+    for r in range(x.shape[0]):
+        y[r] = x[r]
+        _rms_norm(y[r], w, eps)
+
+
+@njit(inline="always", error_model="numpy", boundscheck=False)
+def _rope(v, cos, sin):
+    """Rotary embedding of one head in place, rotate-half convention over the first len(cos) dims."""
+    half = cos.shape[0] // 2
+    for i in range(half):
+        a, b = v[i], v[i + half]
+        v[i] = a * cos[i] - b * sin[i]
+        v[i + half] = b * cos[i + half] + a * sin[i + half]
+
+
+@njit(inline="always", error_model="numpy", boundscheck=False)
+def _finish(y, bias, norm, eps, heads, hd, cos, sin):
+    """A projection's first heads*hd outputs: bias (empty: none), RMSNorm (weights of length hd: per
+    head; of heads*hd: the whole projection; empty: none), rotary embedding (empty cos: none)."""
+    for j in range(bias.shape[0]):
+        y[j] += bias[j]
+    n = norm.shape[0]
+    if n:
+        for h in range(heads * hd // n):
+            _rms_norm(y[h * n:(h + 1) * n], norm, eps)
+    if cos.shape[0]:
+        for h in range(heads):
+            _rope(y[h * hd:(h + 1) * hd], cos, sin)
+
+
+@njit(parallel=True, **_OPTS)
+def qkv(tag, x, bits, group, tq, tk, tv, yq, yk, yv, heads, kv_heads, hd, bq, bk, bv, qn, kn, eps, cos, sin):
+    """x [H] fp32 -> yq, yk, yv (rows padded to 16): the three products from one rounding of x,
+    then bias, q/k RMSNorm and the rotary embedding of q and k (_finish)."""
+    xq, xs, xsum = _quantized(x, group)
+    nq, nk, nv = tq.shape[0], tk.shape[0], tv.shape[0]
+    for r in prange(nq + nk + nv):
+        if r < nq:
+            t, y, i = tq, yq, r
+        elif r < nq + nk:
+            t, y, i = tk, yk, r - nq
+        else:
+            t, y, i = tv, yv, r - nq - nk
+        rowblock(tag, t.ctypes.data + i * t.shape[1] * t.shape[2], t.shape[2], bits, 0, t.shape[1], group,
+                 xq.ctypes.data, xs.ctypes.data, xsum.ctypes.data, y.ctypes.data + i * 64)
+    none = cos[:0]
+    _finish(yq, bq, qn, eps, heads, hd, cos, sin)
+    _finish(yk, bk, kn, eps, kv_heads, hd, cos, sin)
+    _finish(yv, bv, none, eps, kv_heads, hd, none, none)
+
+
+@njit(fastmath=True, error_model="numpy", boundscheck=False)
+def _dot(a, b):
+    """sum a * b in any order (fastmath lets LLVM vectorize the reduction)."""
+    s = np.float32(0)
+    for i in range(a.shape[0]):
+        s += a[i] * b[i]
+    return s
+
+
+@njit(inline="always", error_model="numpy", boundscheck=False)
+def _axpy(o, w, v):
+    for d in range(o.shape[0]):
+        o[d] += w * v[d]
+
+
+@njit(parallel=True, **_OPTS)
+def attend_o(tag, q, keys, values, scale, to, bits, group, bo, out, y):
+    """One query token against the cached keys/values [KV, S, hd]: out = softmax(q k^T * scale) v
+    for every head (head h reads KV head h // (heads / KV), transformers' repeat_kv), then the
+    output projection of out (tiles `to`, bias bo or empty) into y [N16]."""
+    kvh, S, hd = keys.shape
+    nh = q.shape[0] // hd
+    rep = nh // kvh
+    for h in prange(nh):
+        kv = h // rep
+        qh = q[h * hd:(h + 1) * hd]
+        p = np.empty(S, np.float32)
+        m = np.float32(-np.inf)
+        for j in range(S):
+            s = _dot(qh, keys[kv, j]) * scale
+            p[j] = s
+            m = max(m, s)
+        tot = np.float32(0)
+        for j in range(S):
+            p[j] = np.exp(p[j] - m)
+            tot += p[j]
+        o = out[h * hd:(h + 1) * hd]
+        o[:] = 0
+        for j in range(S):
+            _axpy(o, p[j] / tot, values[kv, j])
+    xq, xs, xsum = _quantized(out, group)
+    nb = to.shape[0]
+    for r in prange(nb):
+        rowblock(tag, to.ctypes.data + r * to.shape[1] * to.shape[2], to.shape[2], bits, 0, to.shape[1], group,
+                 xq.ctypes.data, xs.ctypes.data, xsum.ctypes.data, y.ctypes.data + r * 64)
+    for j in range(bo.shape[0]):
+        y[j] += bo[j]

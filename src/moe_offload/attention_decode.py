@@ -1,0 +1,226 @@
+"""A decode token's attention in two kernel calls instead of ~40 torch operations.
+
+At decode (one token, batch 1, no mask) transformers' attention spends ~0.35 ms a layer on the
+quarter shape, mostly in per-operation overhead around four small products: the rotary embedding,
+the cache's concatenation, SDPA and a dozen views. Here the q/k/v products, their bias, q/k norm
+and rotary embedding run in one numba call (_decode_jit.qkv), the softmax over the cache and the
+output product in a second (attend_o); the KV cache stays transformers' own (its update() is
+called as the model would), so generate() and everything around it are untouched.
+
+Which modules take this path is read off the modules, not a family table: any attention module
+whose children are q/k/v/o projections in the "rowtile" format (plus optional q_norm/k_norm RMSNorms)
+and that owns no tensor of its own (gpt-oss's sinks, for one, keep the stock path). Each module
+then checks itself on its first decode call: it runs transformers' own forward, recomputes the
+same step here from the cache that forward just wrote, and takes the fast path from then on only
+if both agree (keys, values and the attention before the output product to float rounding; the
+output to the int8 rounding of its activations). Any other call (prefill, batches, a mask, another
+cache layout, kernels.use_reference()) goes to transformers' forward.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+from dataclasses import dataclass
+from types import MethodType
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import kernels, kernels_grouped, kernels_layer
+
+_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+_NORMS = ("q_norm", "k_norm")
+_WHOLE_LAYERS: tuple = ()  # transformers' cache layers _dynamic_layer accepts, imported by install()
+
+
+@functools.lru_cache(maxsize=1)
+def _jit():
+    return importlib.import_module("._decode_jit", __package__)
+
+
+@dataclass
+class _Plan:
+    """What the kernels read of one attention module (numpy views of its tensors)."""
+
+    qms: tuple  # the four QMatrix objects the views come from (rebuilt by .to(): then re-planned)
+    tiles: tuple  # q, k, v, o tiles
+    biases: tuple  # q, k, v, o bias or empty
+    norms: tuple  # q_norm, k_norm weights or empty
+    eps: float
+    heads: int
+    kv_heads: int
+    head_dim: int
+    scale: float
+    buffers: tuple  # padded q, k, v outputs and the attention before the output product, reused every call
+
+
+def _empty() -> np.ndarray:
+    return np.zeros(0, np.float32)
+
+
+def _why_not(module: nn.Module) -> str | None:
+    """None if the module has the shape this path computes, else why not."""
+    from .model import QuantLinear
+
+    children = dict(module.named_children())
+    if not set(_PROJECTIONS) <= children.keys() or not children.keys() <= set(_PROJECTIONS + _NORMS):
+        return f"children {sorted(children)}"
+    if any(True for _ in module.named_parameters(recurse=False)) or any(True for _ in module.named_buffers(recurse=False)):
+        return "tensors of its own"
+    projs = [children[n] for n in _PROJECTIONS]
+    if not all(isinstance(p, QuantLinear) and p.meta["fmt"] == "rowtile" for p in projs):
+        return "projections not in the rowtile format"
+    if len({(p.meta["bits"], p.meta["group"]) for p in projs[:3]}) > 1:
+        return "q/k/v with different bits or groups"
+    if not isinstance(getattr(module, "head_dim", None), int) or not isinstance(getattr(module, "layer_idx", None), int):
+        return "no head_dim or layer_idx"
+    if getattr(getattr(module, "config", None), "attn_logit_softcapping", None):
+        return "logit soft-capping"
+    for n in _NORMS:
+        if n in children and _norm_eps(children[n]) is None:
+            return f"{n} is not an RMSNorm with a weight"
+    return None
+
+
+def _norm_eps(norm: nn.Module) -> float | None:
+    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
+    w = getattr(norm, "weight", None)
+    return float(eps) if isinstance(eps, float) and isinstance(w, torch.Tensor) and w.dim() == 1 else None
+
+
+def _plan(module: nn.Module) -> _Plan:
+    projs = [getattr(module, n) for n in _PROJECTIONS]
+    qms = tuple(p.qmatrix() for p in projs)
+    hd = module.head_dim
+    norms = tuple(getattr(module, n).weight.detach().float().contiguous().numpy() if hasattr(module, n) else _empty()
+                  for n in _NORMS)
+    eps = max((_norm_eps(getattr(module, n)) for n in _NORMS if hasattr(module, n)), default=0.0)
+    bufs = tuple(np.empty(m.tensors["tiles"].shape[0] * kernels_layer.ROWS, np.float32) for m in qms[:3])
+    bufs += (np.empty(qms[3].k, np.float32),)
+    return _Plan(qms, tuple(m.tensors["tiles"].numpy() for m in qms),
+                 tuple(p.bias.detach().float().contiguous().numpy() if p.bias is not None else _empty() for p in projs),
+                 norms, eps, qms[0].n // hd, qms[1].n // hd, hd, float(module.scaling), bufs)
+
+
+def _project(plan: _Plan, x: np.ndarray, cos: np.ndarray, sin: np.ndarray):
+    """q [heads*hd], k and v [kv_heads*hd] of one token's hidden state x [H]."""
+    (tq, tk, tv, _), (bq, bk, bv, _), (qn, kn) = plan.tiles, plan.biases, plan.norms
+    yq, yk, yv, _ = plan.buffers
+    m = plan.qms[0]
+    _jit().qkv(kernels_layer._tag(kernels_layer.variant()), x, m.bits, m.group, tq, tk, tv, yq, yk, yv,
+               plan.heads, plan.kv_heads, plan.head_dim, bq, bk, bv, qn, kn, np.float32(plan.eps), cos, sin)
+    return yq[:m.n], yk[:plan.qms[1].n], yv[:plan.qms[2].n]
+
+
+def _attend(plan: _Plan, q: np.ndarray, keys: torch.Tensor, values: torch.Tensor) -> np.ndarray:
+    """softmax(q K^T * scale) V over the cache (left in plan.buffers[3]), then the output product: [H] fp32."""
+    o = plan.qms[3]
+    y = np.empty(plan.tiles[3].shape[0] * kernels_layer.ROWS, np.float32)
+    _jit().attend_o(kernels_layer._tag(kernels_layer.variant()), q, keys[0].contiguous().numpy(), values[0].contiguous().numpy(),
+                    np.float32(plan.scale), plan.tiles[3], o.bits, o.group, plan.biases[3], plan.buffers[3], y)
+    return y[:o.n]
+
+
+def attention_reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
+    """The plain version of attend_o's first half: q [heads*hd], keys/values [1, KV, S, hd] -> [heads*hd]."""
+    kv, hd = keys.shape[1], keys.shape[-1]
+    qh = q.view(1, -1, 1, hd)
+    rep = qh.shape[1] // kv
+    k, v = keys.repeat_interleave(rep, 1), values.repeat_interleave(rep, 1)
+    return torch.nn.functional.scaled_dot_product_attention(qh, k, v, scale=scale).reshape(-1)
+
+
+def install(model: nn.Module) -> int:
+    """Give every attention module of the shape above the decode path; returns how many."""
+    global _WHOLE_LAYERS
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    _WHOLE_LAYERS = (DynamicLayer, DynamicSlidingWindowLayer)
+    n = 0
+    for module in model.modules():
+        if hasattr(module, "q_proj") and hasattr(module, "o_proj") and _why_not(module) is None:
+            _DecodePath(module)
+            n += 1
+    return n
+
+
+class _DecodePath:
+    """Wraps one attention module's forward (see the module docstring)."""
+
+    def __init__(self, module: nn.Module):
+        self.module, self.original = module, module.forward
+        self.plan: _Plan | None = None
+        self.verified: bool | None = None  # None: not checked yet; False: transformers' path for good
+        self.why: str | None = None
+        module.forward = MethodType(lambda _, *a, **k: self(*a, **k), module)
+        module._decode_path = self
+
+    def __call__(self, hidden_states, *args, **kwargs):
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        pe = kwargs.get("position_embeddings", args[0] if args else None)
+        if (self.verified is False or hidden_states.shape[:2] != (1, 1) or kwargs.get("attention_mask") is not None
+                or pe is None or cache is None or hidden_states.dtype != torch.float32 or hidden_states.device.type != "cpu"
+                or self.module.training or kernels.reference_mode() or not _dynamic_layer(cache, self.module.layer_idx)):
+            return self.original(hidden_states, *args, **kwargs)
+        if self.plan is None or self.module.q_proj._qmatrix is not self.plan.qms[0]:  # .to() rebuilds all four
+            self.plan = _plan(self.module)
+        x = hidden_states.reshape(-1).contiguous().numpy()
+        cos, sin = _rotary(pe)
+        if self.verified is None:
+            return self._check(hidden_states, args, kwargs, cache, x, cos, sin)
+        hd, kvh = self.plan.head_dim, self.plan.kv_heads
+        with kernels_grouped.launch_lock:
+            q, k, v = _project(self.plan, x, cos, sin)
+        keys, values = cache.update(torch.from_numpy(k).view(1, kvh, 1, hd), torch.from_numpy(v).view(1, kvh, 1, hd),
+                                    self.module.layer_idx)
+        with kernels_grouped.launch_lock:
+            y = _attend(self.plan, q, keys, values)
+        return torch.from_numpy(y).view(1, 1, -1), None
+
+    def _check(self, hidden_states, args, kwargs, cache, x, cos, sin):
+        """transformers' forward (it writes the cache), then the same step here from that cache; the
+        kernels' output if they agree, so that a step's floats do not depend on which call checked."""
+        layer = cache.layers[self.module.layer_idx]
+        before = (layer.keys, layer.values) if layer.is_initialized else None  # update() replaces, never writes into them
+        out = self.original(hidden_states, *args, **kwargs)
+        p = self.plan
+        # what that forward attended to: the cache before it and the position it added
+        keys, values = (t[..., -1:, :] for t in (layer.keys, layer.values))
+        if before is not None:
+            keys, values = torch.cat([before[0], keys], -2), torch.cat([before[1], values], -2)
+        keys, values = keys.contiguous(), values.contiguous()
+        with kernels_grouped.launch_lock:
+            q, k, v = _project(p, x, cos, sin)
+            y = _attend(p, q, keys, values)
+        core = p.buffers[3].copy()
+        checks = {"keys": (k, keys[0, :, -1].reshape(-1), 1e-5), "values": (v, values[0, :, -1].reshape(-1), 1e-5),
+                  "attention": (core, attention_reference(torch.from_numpy(q), keys, values, p.scale), 1e-5),
+                  "output": (y, out[0].reshape(-1), 1e-2)}
+        bad = [name for name, (a, b, tol) in checks.items() if not _close(torch.from_numpy(np.asarray(a)), b, tol)]
+        self.verified = not bad
+        self.why = f"differs from transformers' forward in {', '.join(bad)}" if bad else None
+        return (torch.from_numpy(y).view(1, 1, -1), None) if self.verified else out
+
+
+_last_rotary: list = [None]  # (pe, its arrays): every layer of a step gets the same (cos, sin) tuple
+
+
+def _rotary(pe) -> tuple[np.ndarray, np.ndarray]:
+    last = _last_rotary[0]
+    if last is None or last[0] is not pe:
+        last = _last_rotary[0] = pe, tuple(t.reshape(-1).float().contiguous().numpy() for t in pe)
+    return last[1]
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, rel: float) -> bool:
+    b = b.float()
+    return a.shape == b.shape and float((a - b).abs().max()) <= rel * max(float(b.abs().max()), 1e-6)
+
+
+def _dynamic_layer(cache, idx: int) -> bool:
+    """The cache layer's update() returns exactly the keys and values to attend to when no mask is
+    given: transformers' DynamicLayer (every position), DynamicSlidingWindowLayer (the window). A
+    static layer returns its whole buffer and relies on the mask; others are not assumed."""
+    layers = getattr(cache, "layers", None)
+    return layers is not None and idx < len(layers) and type(layers[idx]) in _WHOLE_LAYERS

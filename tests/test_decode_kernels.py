@@ -1,0 +1,201 @@
+"""The decode path outside the experts: attention (attention_decode.py) and RMSNorm (norm_decode.py)
+in numba kernels, each next to its plain reference, and each checking itself against transformers'
+own forward on its first call."""
+import collections
+
+import numpy as np
+import pytest
+import torch
+
+import moe_offload
+from families import NAMED
+from moe_offload import attention_decode, kernels, kernels_layer, norm_decode
+from moe_offload.kernels_layer import quantize_rowtile
+from moe_offload.model import STOCK_DECODE
+from moe_offload.store import Store
+from moe_offload.synthetic import build_random_moe, tiny_moe_config
+
+STEPS = 16
+
+
+def _logits(model, seq, prompt):
+    """Teacher-forced logits: the prompt at once, then one token at a time (the decode path)."""
+    with torch.no_grad():
+        out = model(seq[:, :prompt], use_cache=True)
+        logits = [out.logits[0, -1]]
+        for i in range(prompt, seq.shape[1]):
+            out = model(seq[:, i:i + 1], cache=out.past_key_values, use_cache=True)
+            logits.append(out.logits[0, -1])
+    return torch.stack(logits)
+
+
+def _paths(model):
+    return collections.Counter((type(m._decode_path).__name__, m._decode_path.verified)
+                               for m in model.modules() if hasattr(m, "_decode_path"))
+
+
+@pytest.mark.parametrize("family,overrides", [
+    ("mixtral", {"sliding_window": None}),  # GQA
+    ("qwen3_moe", {}),  # q/k RMSNorm per head
+    ("qwen2_moe", {}),  # q/k/v bias
+    ("olmoe", {}),  # q/k RMSNorm over the whole projection
+    ("glm4_moe", {}),  # rotary embedding on part of each head
+])
+def test_decode_kernels_match_transformers_attention_and_norms(family, overrides, tmp_path, monkeypatch):
+    config = tiny_moe_config(family, **{**NAMED[family], **overrides})
+    src = build_random_moe(tmp_path / "src", config, seed=4, tokenizer=False)
+    store = moe_offload.convert(src, tmp_path / "st", expert_bits=4, dense_bits=4, progress=False)
+    assert Store.open(store).manifest["dense_linears"], "the dense projections must be quantized (rowtile)"
+    torch.manual_seed(0)
+    seq = torch.randint(3, config.vocab_size, (1, 9 + STEPS))
+    experts = Store.open(store).num_experts
+    monkeypatch.setenv(STOCK_DECODE, "1")
+    stock = moe_offload.load(store, experts_per_layer=experts)
+    try:
+        assert not _paths(stock)
+        expected = _logits(stock, seq, 9)
+    finally:
+        stock.close()
+    monkeypatch.delenv(STOCK_DECODE)
+    calls = []
+    real = attention_decode._attend
+    monkeypatch.setattr(attention_decode, "_attend", lambda *a: calls.append(1) or real(*a))
+    model = moe_offload.load(store, experts_per_layer=experts)
+    try:
+        got = _logits(model, seq, 9)
+        paths = _paths(model)
+    finally:
+        model.close()
+    n_attn = config.num_hidden_layers
+    assert paths[("_DecodePath", True)] == n_attn and paths[("_NormPath", True)] >= 2 * n_attn + 1, paths
+    assert not any(v is False for _, v in paths), paths
+    # every layer's first decode step is the check (transformers' forward); the rest run the kernels
+    assert len(calls) == n_attn * (STEPS - 1) + n_attn
+    diffs = (got - expected).abs().amax(-1) / expected.abs().max()
+    assert diffs[0] <= 1e-5  # the prompt: transformers' attention, our norms (float rounding)
+    # float rounding (~1e-7); an int8 activation that rounds the other way moves a step by up to ~1e-3
+    assert diffs.median() <= 1e-5 and diffs.max() <= 2e-2, diffs
+
+
+def _plan(heads, kv_heads, hd, H, bits, group, bias, norm, seed):
+    g = torch.Generator().manual_seed(seed)
+    shapes = (heads * hd, H), (kv_heads * hd, H), (kv_heads * hd, H), (H, heads * hd)
+    qms = tuple(quantize_rowtile(torch.randn(*s, generator=g) * 0.1, bits, group, optimize=False) for s in shapes)
+    biases = tuple(torch.randn(s[0], generator=g).numpy() if bias else attention_decode._empty() for s in shapes)
+    width = {"none": 0, "head": hd, "whole": None}[norm]
+    norms = tuple(attention_decode._empty() if width == 0 else
+                  (torch.rand(width or n * hd, generator=g) + 0.5).numpy() for n in (heads, kv_heads))
+    bufs = tuple(np.empty(m.tensors["tiles"].shape[0] * 16, np.float32) for m in qms[:3]) + (np.empty(heads * hd, np.float32),)
+    return attention_decode._Plan(qms, tuple(m.tensors["tiles"].numpy() for m in qms), biases, norms, 1e-6,
+                                  heads, kv_heads, hd, hd ** -0.5, bufs)
+
+
+def _projection_reference(p, x, cos, sin):
+    out = []
+    for m, b, w, n in zip(p.qms[:3], p.biases[:3], p.norms + (attention_decode._empty(),), (p.heads, p.kv_heads, p.kv_heads)):
+        y = kernels_layer.linear_reference(torch.from_numpy(x)[None], m)[0]
+        if b.size:
+            y = y + torch.from_numpy(b)
+        if w.size:
+            y = y.view(-1, w.size)
+            y = torch.from_numpy(w) * (y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + p.eps))
+        y = y.reshape(n, p.head_dim)
+        if w is not None and m is not p.qms[2]:
+            r, c, s = cos.size, torch.from_numpy(cos), torch.from_numpy(sin)
+            rot, rest = y[:, :r], y[:, r:]
+            rotated = torch.cat([-rot[:, r // 2:], rot[:, :r // 2]], -1)
+            y = torch.cat([rot * c + rotated * s, rest], -1)
+        out.append(y.reshape(-1))
+    return out
+
+
+@pytest.mark.parametrize("heads,kv_heads,hd,H,S,bits,group,bias,norm,rotary", [
+    (4, 2, 32, 64, 1, 4, 32, False, "none", 1.0),
+    (6, 3, 16, 96, 7, 4, 32, True, "head", 1.0),
+    (4, 1, 64, 128, 33, 3, 64, False, "whole", 0.5),  # MQA, partial rotary
+    (8, 8, 32, 256, 300, 8, 128, True, "head", 1.0),
+    (2, 2, 32, 32, 2, 2, 32, False, "none", 1.0),
+])
+def test_attention_kernels_match_their_reference(heads, kv_heads, hd, H, S, bits, group, bias, norm, rotary):
+    p = _plan(heads, kv_heads, hd, H, bits, group, bias, norm, seed=S)
+    g = torch.Generator().manual_seed(100 + S)
+    x = torch.randn(H, generator=g).numpy()
+    r = int(hd * rotary)
+    angle = torch.rand(r // 2, generator=g) * 6
+    cos, sin = torch.cat([angle.cos(), angle.cos()]).numpy(), torch.cat([angle.sin(), angle.sin()]).numpy()
+    q, k, v = (a.copy() for a in attention_decode._project(p, x, cos, sin))
+    for got, ref in zip((q, k, v), _projection_reference(p, x, cos, sin)):
+        assert attention_decode._close(torch.from_numpy(got), ref, 1e-5), (got - ref.numpy()).max()
+    keys = torch.randn(1, kv_heads, S, hd, generator=g)
+    values = torch.randn(1, kv_heads, S, hd, generator=g)
+    keys[0, :, -1], values[0, :, -1] = torch.from_numpy(k).view(kv_heads, hd), torch.from_numpy(v).view(kv_heads, hd)
+    y = attention_decode._attend(p, q, keys, values)
+    core = torch.from_numpy(p.buffers[3].copy())
+    assert attention_decode._close(core, attention_decode.attention_reference(torch.from_numpy(q), keys, values, p.scale),
+                                   1e-5)
+    expected = kernels_layer.linear_reference(core[None], p.qms[3])[0] + (torch.from_numpy(p.biases[3]) if bias else 0)
+    assert attention_decode._close(torch.from_numpy(y), expected, 1e-5)
+
+
+@pytest.mark.parametrize("rows,H", [(1, 48), (3, 1000), (1, 1024), (7, 32)])
+def test_rms_norm_kernel_matches_its_reference(rows, H):
+    g = torch.Generator().manual_seed(rows * H)
+    x, w = torch.randn(rows, H, generator=g) * 3, torch.rand(H, generator=g) + 0.5
+    y = np.empty((rows, H), np.float32)
+    attention_decode._jit().rms_norm_rows(x.numpy(), w.numpy(), 1e-6, y)
+    ref = w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+    assert attention_decode._close(torch.from_numpy(y), ref, 2e-6)
+
+
+@pytest.fixture(scope="module")
+def qwen3_store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("qwen3")
+    config = tiny_moe_config("qwen3_moe", **NAMED["qwen3_moe"])
+    src = build_random_moe(root / "src", config, seed=5, tokenizer=False)
+    return moe_offload.convert(src, root / "st", expert_bits=4, dense_bits=4, progress=False), config
+
+
+def test_a_module_that_computes_otherwise_keeps_transformers_forward(qwen3_store):
+    """The self-check is what makes the path safe for families it was not written for: a module whose
+    forward does something else (here: doubles its output, or a norm scaling by 1 + weight) fails
+    the check on its first call and stays on its own forward."""
+    store, config = qwen3_store
+    model = moe_offload.load(store, experts_per_layer=Store.open(store).num_experts)
+    try:
+        attn = next(m for m in model.modules() if isinstance(getattr(m, "_decode_path", None), attention_decode._DecodePath))
+        norm = next(m for m in model.modules() if isinstance(getattr(m, "_decode_path", None), norm_decode._NormPath))
+        a_path, n_path = attn._decode_path, norm._decode_path
+        a_orig, n_orig = a_path.original, n_path.original
+        a_path.original = lambda *a, **k: (lambda o: (o[0] * 2, o[1]))(a_orig(*a, **k))
+        n_path.original = lambda x: n_orig(x) + x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + n_path.eps)
+        seq = torch.randint(3, config.vocab_size, (1, 8))
+        _logits(model, seq, 5)
+        assert a_path.verified is False and "output" in a_path.why
+        assert n_path.verified is False
+        others = [m._decode_path.verified for m in model.modules() if hasattr(m, "_decode_path")
+                  and m._decode_path not in (a_path, n_path)]
+        assert others and all(others)
+    finally:
+        model.close()
+
+
+def test_calls_the_kernels_do_not_cover_go_to_transformers(qwen3_store, monkeypatch):
+    """Prompts, batches of two, masks with padding, and kernels.use_reference() never reach the kernels."""
+    store, config = qwen3_store
+    calls = []
+    real = attention_decode._attend
+    monkeypatch.setattr(attention_decode, "_attend", lambda *a: calls.append(1) or real(*a))
+    model = moe_offload.load(store, experts_per_layer=Store.open(store).num_experts)
+    try:
+        ids = torch.randint(3, config.vocab_size, (2, 6))
+        mask = torch.ones_like(ids)
+        mask[1, 0] = 0
+        kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=None)
+        model.generate(ids, attention_mask=mask, **kw)
+        with kernels.use_reference():
+            model.generate(ids[:1], **kw)
+        assert not calls
+        model.generate(ids[:1], **kw)
+        assert calls  # the same model does take the path for one sequence
+    finally:
+        model.close()
