@@ -131,6 +131,22 @@ def attention_reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
     return torch.nn.functional.scaled_dot_product_attention(qh, k, v, scale=scale).reshape(-1)
 
 
+def warm_up() -> None:
+    """Load (the first time: compile) the kernels on tiny inputs with the argument types of real calls."""
+    p = _tiny_plan()
+    q, _, _ = _project(p, np.ones(32, np.float32), np.ones(16, np.float32), np.zeros(16, np.float32))
+    kv = torch.ones(1, 1, 1, 16)
+    _attend(p, q, kv, kv)
+    _jit().rms_norm_rows(np.ones((1, 32), np.float32), np.ones(32, np.float32), 1e-6, np.empty((1, 32), np.float32))
+
+
+def _tiny_plan() -> _Plan:
+    qms = tuple(kernels_layer.quantize_rowtile(torch.ones(16, 32), 4, 32, optimize=False) for _ in range(4))
+    bufs = tuple(np.empty(16, np.float32) for _ in range(3)) + (np.empty(32, np.float32),)
+    return _Plan(qms, tuple(m.tensors["tiles"].numpy() for m in qms), (_empty(),) * 4, (_empty(),) * 2, 1e-6,
+                 2, 1, 16, 0.25, bufs)
+
+
 def install(model: nn.Module) -> int:
     """Give every attention module of the shape above the decode path; returns how many."""
     global _WHOLE_LAYERS

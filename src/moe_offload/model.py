@@ -234,9 +234,9 @@ def load(store: str | os.PathLike, *, device: str = "cpu", expert_cache: int | s
     model.generation_config = _generation_config(st, config, GenerationConfig)
     model.eval()
     _install_hooks(model, runtime, spec)
-    if device == "cpu" and os.environ.get(STOCK_DECODE) != "1":
-        attention_decode.install(model)
-        norm_decode.install(model)
+    fast_decode = device == "cpu" and os.environ.get(STOCK_DECODE) != "1"
+    if fast_decode:
+        fast_decode = attention_decode.install(model) + norm_decode.install(model) > 0
     model.offload_runtime = runtime
     model.offload_spec = spec
     model.offload_stats = MethodType(lambda self: self.offload_runtime.stats, model)
@@ -252,6 +252,8 @@ def load(store: str | os.PathLike, *, device: str = "cpu", expert_cache: int | s
             from . import kernels_layer
 
             kernels_layer.warm_up()  # every run calls them; the first load costs ~0.5 s (LLVM), a compile 10 s or more
+            if fast_decode:
+                attention_decode.warm_up()
         if prompt_rows is None or prompt_rows >= kernels_int4pack.PREFILL_ROWS:
             kernels_int4pack.warm_up(int4pack_shapes)
         if "numba" in sys.modules:  # LLVM's library pages served the kernels' loading only
