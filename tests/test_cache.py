@@ -198,3 +198,44 @@ def test_forget_frees_a_layers_slots():
     list(cache.stream(0, [1]))
     assert stats.misses[0] == 3  # read again
     cache.check_invariants()
+
+
+def _state(cache, stats):
+    return ([list(p.lru) for p in cache.pools.values()], dict(cache.uses), [dict(p.last_step) for p in cache.pools.values()],
+            list(stats.hits), list(stats.misses), stats.prefetch_useful, [s.pins for p in cache.pools.values() for s in p.slots])
+
+
+@settings(max_examples=100, deadline=None)
+@given(requests=requests, capacity=st.integers(3, 6), guesses=st.lists(st.sets(st.integers(0, 5), max_size=2),
+                                                                       min_size=40, max_size=40))
+def test_pin_resident_keeps_the_books_of_stream(requests, capacity, guesses):
+    """pin_resident (the decode shortcut for a step whose experts are all in the cache) must leave the
+    cache and its statistics exactly as stream(hold=True) would, and refuse (changing nothing) when any
+    expert is missing."""
+    caches = []
+    for _ in range(2):
+        stats = OffloadStats(3)
+        caches.append((ExpertCache([0, 1, 2], capacity, BLOB, InstantLoader(), stats, "layer"), stats))
+    (fast, fast_stats), (plain, plain_stats) = caches
+    for (layer, experts), guess in zip(requests, guesses):
+        experts = sorted(experts)[:capacity]
+        for cache in (fast, plain):
+            cache.prefetch(layer, sorted(guess))  # speculative slots: pin_resident must credit them
+        before = _state(fast, fast_stats)
+        slots = fast.pin_resident(layer, experts)
+        if slots is None:
+            assert any((layer, e) not in fast.residency for e in experts)
+            assert _state(fast, fast_stats) == before
+            stream = fast.stream(layer, experts, hold=True)
+            got = [next(stream) for _ in experts]
+            stream.close()
+        else:
+            assert [s.pins for s in slots] == [1] * len(experts)
+            assert all(int(s.views[1]) == e for s, e in zip(slots, experts))
+            fast.unpin(slots)
+        stream = plain.stream(layer, experts, hold=True)
+        got = [next(stream) for _ in experts]
+        stream.close()
+        assert sorted(e for e, _ in got) == experts
+        assert _state(fast, fast_stats) == _state(plain, plain_stats)
+        fast.check_invariants()

@@ -218,6 +218,40 @@ class ExpertCache:
                 for slot in held:
                     slot.pins -= 1
 
+    def pin_resident(self, layer: int, experts: list[int]) -> list[Slot] | None:
+        """stream(layer, experts, hold=True) for a step whose experts are all resident and loaded,
+        without the generator (a decode step of a warm cache costs ~20 us less a layer): the same
+        bookkeeping (hit counts, LRU order, prefetch credit, last step, uses), every slot pinned
+        until unpin(). None, with nothing changed, if any expert is missing, loading or failed."""
+        pool = self.pool(layer)
+        with self.lock:
+            slots = []
+            for e in experts:
+                slot = self.residency.get((layer, e))
+                if slot is None:
+                    return None
+                if slot.future is not None:
+                    if not slot.future.done() or slot.future.exception():
+                        return None
+                    slot.future = None  # read and checked: later steps skip the future's locks
+                slots.append(slot)
+            pool.last_step[layer] = {(layer, e) for e in experts}
+            for e, slot in zip(experts, slots):
+                key = (layer, e)
+                self.uses[key] = self.uses.get(key, 0) + 1
+                pool.lru.move_to_end(key)
+                if slot.speculative:
+                    slot.speculative = False
+                    self.stats.prefetch_useful += 1
+                slot.pins += 1
+            self.stats.record_access(layer, hit=True, count=len(slots))
+        return slots
+
+    def unpin(self, slots: list[Slot]) -> None:
+        with self.lock:
+            for slot in slots:
+                slot.pins -= 1
+
     def _wait(self, futures: list[Future]) -> None:
         if not futures:
             return

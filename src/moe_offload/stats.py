@@ -76,9 +76,9 @@ class OffloadStats:
             for name, value in counts.items():
                 setattr(self, name, getattr(self, name) + value)
 
-    def record_access(self, layer: int, hit: bool) -> None:
+    def record_access(self, layer: int, hit: bool, count: int = 1) -> None:
         with self._lock:
-            (self.hits if hit else self.misses)[self.position[layer]] += 1
+            (self.hits if hit else self.misses)[self.position[layer]] += count
 
     def record_read(self, tier: str, nbytes: int) -> None:
         with self._lock:
