@@ -6,10 +6,11 @@ import collections
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import moe_offload
 from families import NAMED
-from moe_offload import attention_decode, kernels, kernels_layer, norm_decode
+from moe_offload import attention_decode, kernels, kernels_layer, norm_decode, router_decode
 from moe_offload.kernels_layer import quantize_rowtile
 from moe_offload.model import STOCK_DECODE
 from moe_offload.store import Store
@@ -34,14 +35,14 @@ def _paths(model):
                                for m in model.modules() if hasattr(m, "_decode_path"))
 
 
-@pytest.mark.parametrize("family,overrides", [
-    ("mixtral", {"sliding_window": None}),  # GQA
-    ("qwen3_moe", {}),  # q/k RMSNorm per head
-    ("qwen2_moe", {}),  # q/k/v bias
-    ("olmoe", {}),  # q/k RMSNorm over the whole projection
-    ("glm4_moe", {}),  # rotary embedding on part of each head
+@pytest.mark.parametrize("family,overrides,routers", [
+    ("mixtral", {"sliding_window": None}, True),  # GQA
+    ("qwen3_moe", {}, True),  # q/k RMSNorm per head
+    ("qwen2_moe", {}, True),  # q/k/v bias
+    ("olmoe", {}, True),  # q/k RMSNorm over the whole projection
+    ("glm4_moe", {}, False),  # rotary embedding on part of each head; a grouped sigmoid router
 ])
-def test_decode_kernels_match_transformers_attention_and_norms(family, overrides, tmp_path, monkeypatch):
+def test_decode_kernels_match_transformers(family, overrides, routers, tmp_path, monkeypatch):
     config = tiny_moe_config(family, **{**NAMED[family], **overrides})
     src = build_random_moe(tmp_path / "src", config, seed=4, tokenizer=False)
     store = moe_offload.convert(src, tmp_path / "st", expert_bits=4, dense_bits=4, progress=False)
@@ -68,6 +69,7 @@ def test_decode_kernels_match_transformers_attention_and_norms(family, overrides
         model.close()
     n_attn = config.num_hidden_layers
     assert paths[("_DecodePath", True)] == n_attn and paths[("_NormPath", True)] >= 2 * n_attn + 1, paths
+    assert paths[("_RouterPath", True)] == (len(Store.open(store).moe_layers) if routers else 0), paths
     assert not any(v is False for _, v in paths), paths
     # every layer's first decode step is the check (transformers' forward); the rest run the kernels
     assert len(calls) == n_attn * (STEPS - 1) + n_attn
@@ -147,6 +149,22 @@ def test_rms_norm_kernel_matches_its_reference(rows, H):
     assert attention_decode._close(torch.from_numpy(y), ref, 2e-6)
 
 
+@pytest.mark.parametrize("E,H,k,bias", [(8, 64, 2, False), (128, 96, 8, True), (4, 32, 1, False), (3, 32, 3, True)])
+def test_router_kernel_matches_its_reference(E, H, k, bias):
+    g = torch.Generator().manual_seed(E * k)
+    x, w = torch.randn(H, generator=g), torch.randn(E, H, generator=g) * 0.3
+    b = torch.randn(E, generator=g) if bias else None
+    logits = F.linear(x, w, b)
+    top, idx = torch.softmax(logits, -1).topk(k)
+    for renorm in (True, False):
+        out = np.empty(E, np.float32), np.empty(k, np.float32), np.empty(k, np.int64)
+        attention_decode._jit().topk_router(x.numpy(), w.numpy(), b.numpy() if bias else np.zeros(0, np.float32), k,
+                                            renorm, *out)
+        assert attention_decode._close(torch.from_numpy(out[0]), logits, 1e-6)
+        assert torch.equal(torch.from_numpy(out[2]), idx)
+        assert attention_decode._close(torch.from_numpy(out[1]), top / top.sum() if renorm else top, 1e-6)
+
+
 @pytest.fixture(scope="module")
 def qwen3_store(tmp_path_factory):
     root = tmp_path_factory.mktemp("qwen3")
@@ -157,23 +175,30 @@ def qwen3_store(tmp_path_factory):
 
 def test_a_module_that_computes_otherwise_keeps_transformers_forward(qwen3_store):
     """The self-check is what makes the path safe for families it was not written for: a module whose
-    forward does something else (here: doubles its output, or a norm scaling by 1 + weight) fails
+    forward does something else (here: doubles its output, a norm scaling by 1 + weight, a router
+    with sigmoid weights) fails
     the check on its first call and stays on its own forward."""
     store, config = qwen3_store
     model = moe_offload.load(store, experts_per_layer=Store.open(store).num_experts)
     try:
         attn = next(m for m in model.modules() if isinstance(getattr(m, "_decode_path", None), attention_decode._DecodePath))
         norm = next(m for m in model.modules() if isinstance(getattr(m, "_decode_path", None), norm_decode._NormPath))
-        a_path, n_path = attn._decode_path, norm._decode_path
-        a_orig, n_orig = a_path.original, n_path.original
+        router = next(m for m in model.modules() if isinstance(getattr(m, "_decode_path", None), router_decode._RouterPath))
+        a_path, n_path, r_path = attn._decode_path, norm._decode_path, router._decode_path
+        a_orig, n_orig, r_orig = a_path.original, n_path.original, r_path.original
         a_path.original = lambda *a, **k: (lambda o: (o[0] * 2, o[1]))(a_orig(*a, **k))
         n_path.original = lambda x: n_orig(x) + x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + n_path.eps)
+
+        def sigmoid_router(x):  # DeepSeek-style scores: the same experts, other weights
+            logits, _, idx = r_orig(x)
+            return logits, torch.sigmoid(logits).gather(-1, idx), idx
+        r_path.original = sigmoid_router
         seq = torch.randint(3, config.vocab_size, (1, 8))
         _logits(model, seq, 5)
         assert a_path.verified is False and "output" in a_path.why
-        assert n_path.verified is False
+        assert n_path.verified is False and r_path.verified is False
         others = [m._decode_path.verified for m in model.modules() if hasattr(m, "_decode_path")
-                  and m._decode_path not in (a_path, n_path)]
+                  and m._decode_path not in (a_path, n_path, r_path)]
         assert others and all(others)
     finally:
         model.close()

@@ -132,3 +132,38 @@ def attend_o(tag, q, keys, values, scale, to, bits, group, bo, out, y):
                  xq.ctypes.data, xs.ctypes.data, xsum.ctypes.data, y.ctypes.data + r * 64)
     for j in range(bo.shape[0]):
         y[j] += bo[j]
+
+
+@njit(**_OPTS)
+def topk_router(x, w, bias, k, renorm, logits, scores, idx):
+    """logits = w x (+ bias); softmax; the k largest probabilities (the lower expert first among
+    equals) in scores/idx, divided by their sum with `renorm`."""
+    E = w.shape[0]
+    m = np.float32(-np.inf)
+    for e in range(E):
+        v = _dot(w[e], x)
+        if bias.shape[0]:
+            v += bias[e]
+        logits[e] = v
+        m = max(m, v)
+    p = np.empty(E, np.float32)
+    tot = np.float32(0)
+    for e in range(E):
+        p[e] = np.exp(logits[e] - m)
+        tot += p[e]
+    for e in range(E):
+        p[e] /= tot
+    taken = np.zeros(E, np.bool_)
+    s = np.float32(0)
+    for j in range(k):
+        best = -1
+        for e in range(E):
+            if not taken[e] and (best < 0 or p[e] > p[best]):
+                best = e
+        taken[best] = True
+        idx[j] = best
+        scores[j] = p[best]
+        s += p[best]
+    if renorm:
+        for j in range(k):
+            scores[j] /= s

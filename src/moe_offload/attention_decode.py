@@ -138,6 +138,8 @@ def warm_up() -> None:
     kv = torch.ones(1, 1, 1, 16)
     _attend(p, q, kv, kv)
     _jit().rms_norm_rows(np.ones((1, 32), np.float32), np.ones(32, np.float32), 1e-6, np.empty((1, 32), np.float32))
+    out = np.empty(4, np.float32), np.empty(2, np.float32), np.empty(2, np.int64)
+    _jit().topk_router(np.ones(32, np.float32), np.ones((4, 32), np.float32), _empty(), 2, True, *out)
 
 
 def _tiny_plan() -> _Plan:

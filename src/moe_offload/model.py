@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import attention_decode, kernels, kernels_int4pack, memory, moe, norm_decode, tiers
+from . import attention_decode, kernels, kernels_int4pack, memory, moe, norm_decode, router_decode, tiers
 from .archs import MoeSpec, build_meta_model, describe
 from .cache import ExpertCache
 from .config import OffloadConfig, format_size, parse_size
@@ -31,7 +31,8 @@ from .stats import OffloadStats
 from .store import DENSE_FILE, EXPERTS_FILE, Store
 
 
-# "1": transformers' own attention and norms at decode (attention_decode.py, norm_decode.py), for comparisons
+# "1": transformers' own attention, norms and routers at decode (attention_decode.py, norm_decode.py,
+# router_decode.py), for comparisons
 STOCK_DECODE = "MOE_OFFLOAD_STOCK_DECODE"
 
 
@@ -236,7 +237,7 @@ def load(store: str | os.PathLike, *, device: str = "cpu", expert_cache: int | s
     _install_hooks(model, runtime, spec)
     fast_decode = device == "cpu" and os.environ.get(STOCK_DECODE) != "1"
     if fast_decode:
-        fast_decode = attention_decode.install(model) + norm_decode.install(model) > 0
+        fast_decode = attention_decode.install(model) + norm_decode.install(model) + router_decode.install(model) > 0
     model.offload_runtime = runtime
     model.offload_spec = spec
     model.offload_stats = MethodType(lambda self: self.offload_runtime.stats, model)
