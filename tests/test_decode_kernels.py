@@ -89,7 +89,7 @@ def _plan(heads, kv_heads, hd, H, bits, group, bias, norm, seed):
                   (torch.rand(width or n * hd, generator=g) + 0.5).numpy() for n in (heads, kv_heads))
     bufs = tuple(np.empty(m.tensors["tiles"].shape[0] * 16, np.float32) for m in qms[:3]) + (np.empty(heads * hd, np.float32),)
     return attention_decode._Plan(qms, tuple(m.tensors["tiles"].numpy() for m in qms), biases, norms, 1e-6,
-                                  heads, kv_heads, hd, hd ** -0.5, bufs)
+                                  heads, kv_heads, hd, hd ** -0.5, bufs, kernels_layer._tag(kernels_layer.variant()))
 
 
 def _projection_reference(p, x, cos, sin):

@@ -25,8 +25,8 @@ def test_one_call_per_layer_matches_transformers(family, overrides, tmp_path, mo
                                 progress=False)
     assert Store.open(store).layout.matrices["gate_up"]["fmt"] == "rowtile"
     calls, row_calls = [], []
-    real = kernels_layer.moe_layer_decode
-    monkeypatch.setattr(kernels_layer, "moe_layer_decode", lambda *a, **k: calls.append(len(a[1])) or real(*a, **k))
+    real = kernels_layer.moe_layer_decode_at  # every one-call decode goes through it
+    monkeypatch.setattr(kernels_layer, "moe_layer_decode_at", lambda *a, **k: calls.append(len(a[2])) or real(*a, **k))
     real_rows = kernels_layer.moe_layer_rows
     monkeypatch.setattr(kernels_layer, "moe_layer_rows",
                         lambda *a, **k: row_calls.append(len(a[1])) or real_rows(*a, **k))

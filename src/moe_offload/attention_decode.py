@@ -21,7 +21,6 @@ from __future__ import annotations
 import functools
 import importlib
 from dataclasses import dataclass
-from types import MethodType
 
 import numpy as np
 import torch
@@ -53,6 +52,7 @@ class _Plan:
     head_dim: int
     scale: float
     buffers: tuple  # padded q, k, v outputs and the attention before the output product, reused every call
+    tag: np.ndarray  # the kernel variant (kernels_layer.variant()), read when the plan is made
 
 
 def _empty() -> np.ndarray:
@@ -100,7 +100,8 @@ def _plan(module: nn.Module) -> _Plan:
     bufs += (np.empty(qms[3].k, np.float32),)
     return _Plan(qms, tuple(m.tensors["tiles"].numpy() for m in qms),
                  tuple(p.bias.detach().float().contiguous().numpy() if p.bias is not None else _empty() for p in projs),
-                 norms, eps, qms[0].n // hd, qms[1].n // hd, hd, float(module.scaling), bufs)
+                 norms, eps, qms[0].n // hd, qms[1].n // hd, hd, float(module.scaling), bufs,
+                 kernels_layer._tag(kernels_layer.variant()))
 
 
 def _project(plan: _Plan, x: np.ndarray, cos: np.ndarray, sin: np.ndarray):
@@ -108,7 +109,7 @@ def _project(plan: _Plan, x: np.ndarray, cos: np.ndarray, sin: np.ndarray):
     (tq, tk, tv, _), (bq, bk, bv, _), (qn, kn) = plan.tiles, plan.biases, plan.norms
     yq, yk, yv, _ = plan.buffers
     m = plan.qms[0]
-    _jit().qkv(kernels_layer._tag(kernels_layer.variant()), x, m.bits, m.group, tq, tk, tv, yq, yk, yv,
+    _jit().qkv(plan.tag, x, m.bits, m.group, tq, tk, tv, yq, yk, yv,
                plan.heads, plan.kv_heads, plan.head_dim, bq, bk, bv, qn, kn, np.float32(plan.eps), cos, sin)
     return yq[:m.n], yk[:plan.qms[1].n], yv[:plan.qms[2].n]
 
@@ -117,9 +118,14 @@ def _attend(plan: _Plan, q: np.ndarray, keys: torch.Tensor, values: torch.Tensor
     """softmax(q K^T * scale) V over the cache (left in plan.buffers[3]), then the output product: [H] fp32."""
     o = plan.qms[3]
     y = np.empty(plan.tiles[3].shape[0] * kernels_layer.ROWS, np.float32)
-    _jit().attend_o(kernels_layer._tag(kernels_layer.variant()), q, keys[0].contiguous().numpy(), values[0].contiguous().numpy(),
+    _jit().attend_o(plan.tag, q, _array(keys), _array(values),
                     np.float32(plan.scale), plan.tiles[3], o.bits, o.group, plan.biases[3], plan.buffers[3], y)
     return y[:o.n]
+
+
+def _array(t: torch.Tensor) -> np.ndarray:
+    """[1, KV, S, hd] -> [KV, S, hd] array; the cache's concatenations are contiguous already."""
+    return t.numpy()[0] if t.is_contiguous() else t[0].contiguous().numpy()
 
 
 def attention_reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
@@ -146,7 +152,7 @@ def _tiny_plan() -> _Plan:
     qms = tuple(kernels_layer.quantize_rowtile(torch.ones(16, 32), 4, 32, optimize=False) for _ in range(4))
     bufs = tuple(np.empty(16, np.float32) for _ in range(3)) + (np.empty(32, np.float32),)
     return _Plan(qms, tuple(m.tensors["tiles"].numpy() for m in qms), (_empty(),) * 4, (_empty(),) * 2, 1e-6,
-                 2, 1, 16, 0.25, bufs)
+                 2, 1, 16, 0.25, bufs, kernels_layer._tag(kernels_layer.variant()))
 
 
 def install(model: nn.Module) -> int:
@@ -168,32 +174,42 @@ class _DecodePath:
 
     def __init__(self, module: nn.Module):
         self.module, self.original = module, module.forward
-        self.plan: _Plan | None = None
+        self.layer_idx = module.layer_idx
+        self.plan: _Plan | None = None  # dropped when the module's tensors change (.to() and friends)
         self.verified: bool | None = None  # None: not checked yet; False: transformers' path for good
         self.why: str | None = None
-        module.forward = MethodType(lambda _, *a, **k: self(*a, **k), module)
+        apply = module._apply
+
+        def _apply(fn, *args, **kwargs):
+            self.plan = None
+            return apply(fn, *args, **kwargs)
+        module._apply = _apply
+        module.forward = self.__call__
         module._decode_path = self
 
     def __call__(self, hidden_states, *args, **kwargs):
+        # Lean on purpose: at decode every attribute read can be a cache miss (the experts' weights
+        # stream through the caches between two calls of a layer).
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         pe = kwargs.get("position_embeddings", args[0] if args else None)
-        if (self.verified is False or hidden_states.shape[:2] != (1, 1) or kwargs.get("attention_mask") is not None
-                or pe is None or cache is None or hidden_states.dtype != torch.float32 or hidden_states.device.type != "cpu"
-                or self.module.training or kernels.reference_mode() or not _dynamic_layer(cache, self.module.layer_idx)):
+        shape = hidden_states.shape
+        if (self.verified is False or shape[0] != 1 or shape[1] != 1 or kwargs.get("attention_mask") is not None
+                or pe is None or cache is None or hidden_states.dtype != torch.float32 or not hidden_states.is_cpu
+                or hidden_states.requires_grad or self.module.training or kernels.reference_mode() or not _dynamic_layer(cache, self.layer_idx)):
             return self.original(hidden_states, *args, **kwargs)
-        if self.plan is None or self.module.q_proj._qmatrix is not self.plan.qms[0]:  # .to() rebuilds all four
-            self.plan = _plan(self.module)
-        x = hidden_states.reshape(-1).contiguous().numpy()
+        p = self.plan
+        if p is None:
+            p = self.plan = _plan(self.module)
+        x = hidden_states.numpy().reshape(-1) if hidden_states.is_contiguous() else hidden_states.reshape(-1).contiguous().numpy()
         cos, sin = _rotary(pe)
         if self.verified is None:
             return self._check(hidden_states, args, kwargs, cache, x, cos, sin)
-        hd, kvh = self.plan.head_dim, self.plan.kv_heads
         with kernels_grouped.launch_lock:
-            q, k, v = _project(self.plan, x, cos, sin)
-        keys, values = cache.update(torch.from_numpy(k).view(1, kvh, 1, hd), torch.from_numpy(v).view(1, kvh, 1, hd),
-                                    self.module.layer_idx)
+            q, k, v = _project(p, x, cos, sin)
+        keys, values = cache.update(torch.from_numpy(k).view(1, p.kv_heads, 1, p.head_dim),
+                                    torch.from_numpy(v).view(1, p.kv_heads, 1, p.head_dim), self.layer_idx)
         with kernels_grouped.launch_lock:
-            y = _attend(self.plan, q, keys, values)
+            y = _attend(p, q, keys, values)
         return torch.from_numpy(y).view(1, 1, -1), None
 
     def _check(self, hidden_states, args, kwargs, cache, x, cos, sin):

@@ -269,12 +269,26 @@ def _meta(b1, g1, b2, g2):
 
 
 def _decode_one(x: np.ndarray, experts, weights, tag, threads) -> np.ndarray:
-    H, inter, meta = _layer_meta(experts)
-    E = len(experts)
+    return moe_layer_decode_at(x, _layer_meta(experts), [g.tensors["tiles"].data_ptr() for g, _ in experts],
+                               [d.tensors["tiles"].data_ptr() for _, d in experts], weights, tag, threads)
+
+
+def layer_shape(gate_up: QMatrix, down: QMatrix):
+    """(H, I, meta) of a layer call on experts shaped like this pair (checked): for moe_layer_decode_at."""
+    return _layer_meta([(gate_up, down)])
+
+
+def moe_layer_decode_at(x: np.ndarray, shape, gate_up_addrs: list[int], down_addrs: list[int], weights, tag,
+                        threads: int | None = None) -> np.ndarray:
+    """The kernel call of moe_layer_decode on tile addresses: x [H] fp32, every expert of the
+    `shape` layer_shape() checked (the caller's promise: a layer's cache slots all hold its store's
+    layout). The offloaded decode calls this with addresses it keeps per slot: reading them off
+    the QMatrix views costs more than the kernel's own dispatch."""
+    H, inter, meta = shape
     nthreads = _threads(threads)
-    bbuf, fbuf, counters, addrs = _workspace(H, inter, E, meta[1], meta[4], nthreads)
-    addrs[0] = [g.tensors["tiles"].data_ptr() for g, _ in experts]
-    addrs[1] = [d.tensors["tiles"].data_ptr() for _, d in experts]
+    bbuf, fbuf, counters, addrs = _workspace(H, inter, len(gate_up_addrs), meta[1], meta[4], nthreads)
+    addrs[0] = gate_up_addrs
+    addrs[1] = down_addrs
     wts = np.asarray(weights, np.float32)
     if nthreads == 1:
         _jit().layer_serial(tag, x, wts, addrs, meta, inter, bbuf, fbuf, counters)

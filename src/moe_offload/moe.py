@@ -38,6 +38,7 @@ _import_cache_utils_without_hqq()
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, _default_apply_gate  # noqa: E402
 
 from . import kernels, kernels_layer  # noqa: E402
+from .quant import QMatrix  # noqa: E402
 
 IMPLEMENTATION = "moe_offload"
 
@@ -60,6 +61,11 @@ class LayerExperts:
         self.layer_call = (layout["gate_up"]["fmt"] == layout["down"]["fmt"] == "rowtile" and self.fused_act is not None
                            and self.post_norm is None and "gate_up_bias" not in layout
                            and kernels_layer.is_silu(self.fused_act) and runtime.device == "cpu")
+        if self.layer_call:  # checked once here: every slot holds this layout
+            shapes = [QMatrix(**{k: layout[n][k] for k in ("fmt", "n", "k", "bits", "group")}) for n in ("gate_up", "down")]
+            self.shape = kernels_layer.layer_shape(*shapes)
+            self.tag = None  # the kernel variant, read at the first call (numba loads lazily)
+            self.slot_addrs: dict[int, tuple[int, int]] = {}  # slot index -> its gate_up and down tile addresses
 
     def expert(self, x: torch.Tensor, w: dict) -> torch.Tensor:
         y = kernels.expert_forward(x, w["gate_up"], w["down"], self.fused_act,
@@ -145,11 +151,16 @@ class LayerExperts:
         slots = cache.pin_resident(self.layer, used)  # `used` is sorted: summed in expert order
         if slots is not None:
             try:
-                y = kernels_layer.moe_layer_decode(hidden_states[0], [(s.views["gate_up"], s.views["down"]) for s in slots],
-                                                   [weight_of[e] for e in used])
+                addrs = [self.slot_addrs.get(s.index) or self._addrs(s) for s in slots]
+                x = hidden_states[0]
+                xn = x.numpy() if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous().numpy()
+                if self.tag is None:
+                    self.tag = kernels_layer._tag(kernels_layer.variant())
+                y = kernels_layer.moe_layer_decode_at(xn, self.shape, [a for a, _ in addrs], [b for _, b in addrs],
+                                                      [weight_of[e] for e in used], self.tag)
             finally:
                 cache.unpin(slots)
-            return y.to(hidden_states.dtype).unsqueeze(0)
+            return torch.from_numpy(y).to(hidden_states.dtype).unsqueeze(0)
         stream = cache.stream(self.layer, used, hold=True)
         try:
             got = sorted((next(stream) for _ in used), key=lambda pair: pair[0])  # summed in expert order
@@ -158,6 +169,10 @@ class LayerExperts:
         finally:
             stream.close()
         return y.to(hidden_states.dtype).unsqueeze(0)
+
+    def _addrs(self, slot) -> tuple[int, int]:
+        a = self.slot_addrs[slot.index] = tuple(slot.views[n].tensors["tiles"].data_ptr() for n in ("gate_up", "down"))
+        return a
 
     def _rows_call(self, hidden_states, top_k_index, top_k_weights, used: list[int]) -> torch.Tensor:
         """Prefill: each used expert computed for all its token rows by the one-layer kernel. When the

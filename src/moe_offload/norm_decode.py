@@ -10,8 +10,8 @@ the stock forward.
 from __future__ import annotations
 
 import inspect
-from types import MethodType
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -42,23 +42,41 @@ def _one_argument(module: nn.Module) -> bool:
 
 
 class _NormPath:
+    """Kept lean: at decode every attribute read costs a cache miss (the experts' weights stream
+    through the caches between two calls), so the weight's array is kept here, not looked up."""
+
     def __init__(self, module: nn.Module):
         self.module, self.original = module, module.forward
         self.eps = _eps(module)
         self.verified: bool | None = None
-        module.forward = MethodType(lambda _, x: self(x), module)
+        self.w: np.ndarray | None = None  # the weight as an fp32 array; dropped when the module's tensors change
+        apply = module._apply
+
+        def _apply(fn, *args, **kwargs):  # .to(), .float(), ... replace the weight
+            self.w = None
+            return apply(fn, *args, **kwargs)
+        module._apply = _apply
+        module.forward = self.__call__
         module._decode_path = self
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.module.weight
-        if (self.verified is False or x.dtype != torch.float32 or w.dtype != torch.float32 or x.device.type != "cpu"
-                or x.shape[-1] != w.shape[0] or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
+        w = self.w
+        if w is None:
+            wt = self.module.weight
+            if self.verified is False or wt.dtype != torch.float32 or not wt.is_cpu or wt.requires_grad:
+                return self.original(x)  # (a weight that wants gradients: training, not decode)
+            w = self.w = wt.detach().numpy()
+        if (x.dtype != torch.float32 or not x.is_cpu or x.shape[-1] != w.shape[0] or not x.is_contiguous()
+                or x.requires_grad):
             return self.original(x)
-        y = torch.empty(x.shape)
-        _jit().rms_norm_rows(x.reshape(-1, w.shape[0]).contiguous().numpy(), w.detach().numpy(), self.eps,
-                             y.view(-1, w.shape[0]).numpy())
+        xn = x.numpy()
+        y = np.empty(xn.shape, np.float32)
+        _jit().rms_norm_rows(xn.reshape(-1, w.shape[0]), w, self.eps, y.reshape(-1, w.shape[0]))
+        y = torch.from_numpy(y)
         if self.verified is None:
             ref = self.original(x)
             self.verified = _close(y, ref, 1e-5)
+            if not self.verified:
+                self.w = None
             return y if self.verified else ref  # the same floats on every call, whichever call checked
         return y

@@ -11,7 +11,6 @@ On its first such call it runs its own forward too and keeps whichever variant o
 from __future__ import annotations
 
 import inspect
-from types import MethodType
 
 import numpy as np
 import torch
@@ -44,36 +43,50 @@ class _RouterPath:
         self.module, self.original = module, module.forward
         self.renorm: bool | None = None  # the variant that matched transformers' forward
         self.verified: bool | None = None
-        module.forward = MethodType(lambda _, x: self(x), module)
+        self.arrays: tuple | None = None  # weight, bias (or empty), top_k; dropped when the tensors change
+        apply = module._apply
+
+        def _apply(fn, *args, **kwargs):
+            self.arrays = None
+            return apply(fn, *args, **kwargs)
+        module._apply = _apply
+        module.forward = self.__call__
         module._decode_path = self
 
     def __call__(self, x: torch.Tensor):
-        w, b = self.module.weight, getattr(self.module, "bias", None)
-        if (self.verified is False or x.numel() != w.shape[1] or x.dtype != torch.float32 or w.dtype != torch.float32
-                or x.device.type != "cpu" or (b is not None and b.dtype != torch.float32)
-                or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
+        a = self.arrays
+        if a is None:
+            if self.verified is False:
+                return self.original(x)
+            w, b = self.module.weight, getattr(self.module, "bias", None)
+            if (w.dtype != torch.float32 or not w.is_cpu or w.requires_grad
+                    or (b is not None and (b.dtype != torch.float32 or b.requires_grad))):
+                return self.original(x)
+            a = self.arrays = (w.detach().numpy(), b.detach().numpy() if b is not None else np.zeros(0, np.float32),
+                               self.module.top_k)
+        if x.numel() != a[0].shape[1] or x.dtype != torch.float32 or not x.is_cpu or x.requires_grad:
             return self.original(x)
         if self.verified is None:
-            return self._check(x)
-        return self._fast(x, self.renorm)
+            return self._check(x, a)
+        return self._fast(x, a, self.renorm)
 
-    def _fast(self, x: torch.Tensor, renorm: bool):
-        w, b = self.module.weight, getattr(self.module, "bias", None)
-        k = self.module.top_k
-        logits, scores, idx = torch.empty(1, w.shape[0]), torch.empty(1, k), torch.empty(1, k, dtype=torch.int64)
-        _jit().topk_router(x.reshape(-1).contiguous().numpy(), w.detach().numpy(),
-                           b.detach().numpy() if b is not None else np.zeros(0, np.float32), k, renorm,
-                           logits[0].numpy(), scores[0].numpy(), idx[0].numpy())
-        return logits, scores, idx
+    @staticmethod
+    def _fast(x: torch.Tensor, a: tuple, renorm: bool):
+        w, b, k = a
+        logits, scores, idx = np.empty((1, w.shape[0]), np.float32), np.empty((1, k), np.float32), np.empty((1, k), np.int64)
+        xn = x.numpy().reshape(-1) if x.is_contiguous() else x.reshape(-1).contiguous().numpy()
+        _jit().topk_router(xn, w, b, k, renorm, logits[0], scores[0], idx[0])
+        return torch.from_numpy(logits), torch.from_numpy(scores), torch.from_numpy(idx)
 
-    def _check(self, x: torch.Tensor):
+    def _check(self, x: torch.Tensor, a: tuple):
         ref = self.original(x)
         self.verified = False
         if isinstance(ref, tuple) and len(ref) == 3 and all(isinstance(t, torch.Tensor) for t in ref):
             for renorm in (True, False):
-                got = self._fast(x, renorm)
+                got = self._fast(x, a, renorm)
                 if (torch.equal(got[2], ref[2]) and got[1].dtype == ref[1].dtype
-                        and all(_close(a, r.reshape(a.shape), 1e-5) for a, r in zip(got[:2], ref[:2]))):
+                        and all(_close(g, r.reshape(g.shape), 1e-5) for g, r in zip(got[:2], ref[:2]))):
                     self.renorm, self.verified = renorm, True
                     return got  # the same floats on every call, whichever call checked
+        self.arrays = None
         return ref
