@@ -224,3 +224,27 @@ def test_calls_the_kernels_do_not_cover_go_to_transformers(qwen3_store, monkeypa
         assert calls  # the same model does take the path for one sequence
     finally:
         model.close()
+
+
+def test_the_paths_follow_tensors_that_change(qwen3_store):
+    """Weights replaced by assignment or moved by .to() are read again, not served from a stale array."""
+    store, config = qwen3_store
+    model = moe_offload.load(store, experts_per_layer=Store.open(store).num_experts)
+    try:
+        seq = torch.randint(3, config.vocab_size, (1, 8))
+        _logits(model, seq, 5)  # every path checked and in use
+        norm = next(m for m in model.modules() if isinstance(getattr(m, "_decode_path", None), norm_decode._NormPath))
+        router = next(m for m in model.modules() if isinstance(getattr(m, "_decode_path", None), router_decode._RouterPath))
+        x = torch.randn(1, 1, norm.weight.shape[0])
+        with torch.no_grad():
+            norm.weight = torch.nn.Parameter(norm.weight * 3, requires_grad=False)
+            router.weight = torch.nn.Parameter(router.weight.flip(0), requires_grad=False)
+            assert attention_decode._close(norm(x), norm._decode_path.original(x), 1e-5)
+            h = torch.randn(1, router.weight.shape[1])
+            got, ref = router(h), router._decode_path.original(h)
+            assert torch.equal(got[2], ref[2]) and attention_decode._close(got[1], ref[1], 1e-5)
+            before = _logits(model, seq, 5)
+            model.to(torch.float32)  # _apply on every module: the kernels' arrays are rebuilt
+            assert attention_decode._close(_logits(model, seq, 5), before, 1e-6)
+    finally:
+        model.close()

@@ -42,7 +42,7 @@ def _jit():
 class _Plan:
     """What the kernels read of one attention module (numpy views of its tensors)."""
 
-    qms: tuple  # the four QMatrix objects the views come from (rebuilt by .to(): then re-planned)
+    qms: tuple  # the four QMatrix objects the views come from
     tiles: tuple  # q, k, v, o tiles
     biases: tuple  # q, k, v, o bias or empty
     norms: tuple  # q_norm, k_norm weights or empty
@@ -53,6 +53,13 @@ class _Plan:
     scale: float
     buffers: tuple  # padded q, k, v outputs and the attention before the output product, reused every call
     tag: np.ndarray  # the kernel variant (kernels_layer.variant()), read when the plan is made
+    sources: tuple = ()  # the q_norm/k_norm weight parameters the norms were read from
+
+    def current(self, module: nn.Module) -> bool:
+        """Whether the module still holds the tensors this plan read (a QuantLinear rebuilds its
+        QMatrix when its tensors change; a norm weight may be replaced by assignment)."""
+        return module.q_proj._qmatrix is self.qms[0] and all(
+            getattr(module, n)._parameters.get("weight") is w for n, w in zip(_NORMS, self.sources) if w is not None)
 
 
 def _empty() -> np.ndarray:
@@ -101,7 +108,8 @@ def _plan(module: nn.Module) -> _Plan:
     return _Plan(qms, tuple(m.tensors["tiles"].numpy() for m in qms),
                  tuple(p.bias.detach().float().contiguous().numpy() if p.bias is not None else _empty() for p in projs),
                  norms, eps, qms[0].n // hd, qms[1].n // hd, hd, float(module.scaling), bufs,
-                 kernels_layer._tag(kernels_layer.variant()))
+                 kernels_layer._tag(kernels_layer.variant()),
+                 tuple(getattr(module, n).weight if hasattr(module, n) else None for n in _NORMS))
 
 
 def _project(plan: _Plan, x: np.ndarray, cos: np.ndarray, sin: np.ndarray):
@@ -175,15 +183,9 @@ class _DecodePath:
     def __init__(self, module: nn.Module):
         self.module, self.original = module, module.forward
         self.layer_idx = module.layer_idx
-        self.plan: _Plan | None = None  # dropped when the module's tensors change (.to() and friends)
+        self.plan: _Plan | None = None  # made again when the module's tensors change (_Plan.current)
         self.verified: bool | None = None  # None: not checked yet; False: transformers' path for good
         self.why: str | None = None
-        apply = module._apply
-
-        def _apply(fn, *args, **kwargs):
-            self.plan = None
-            return apply(fn, *args, **kwargs)
-        module._apply = _apply
         module.forward = self.__call__
         module._decode_path = self
 
@@ -198,7 +200,7 @@ class _DecodePath:
                 or hidden_states.requires_grad or self.module.training or kernels.reference_mode() or not _dynamic_layer(cache, self.layer_idx)):
             return self.original(hidden_states, *args, **kwargs)
         p = self.plan
-        if p is None:
+        if p is None or not p.current(self.module):
             p = self.plan = _plan(self.module)
         x = hidden_states.numpy().reshape(-1) if hidden_states.is_contiguous() else hidden_states.reshape(-1).contiguous().numpy()
         cos, sin = _rotary(pe)

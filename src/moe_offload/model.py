@@ -62,7 +62,14 @@ class QuantLinear(nn.Module):
 
     def _apply(self, fn, *args, **kwargs):
         self._qmatrix = None  # .to() and friends replace the buffers
-        return super()._apply(fn, *args, **kwargs)
+        # They may move the stored format, never cast it: model.to(torch.float32) used to turn fp16
+        # scales into fp32 ones the kernels then read as fp16 (wrong logits).
+        dtypes = {n: b.dtype for n, b in self._buffers.items() if b is not None}
+        out = super()._apply(fn, *args, **kwargs)
+        for n, dtype in dtypes.items():
+            if self._buffers[n] is not None and self._buffers[n].dtype != dtype:
+                self._buffers[n] = self._buffers[n].to(dtype)
+        return out
 
     def qmatrix(self) -> QMatrix:
         if self._qmatrix is None:

@@ -50,6 +50,7 @@ class _NormPath:
         self.eps = _eps(module)
         self.verified: bool | None = None
         self.w: np.ndarray | None = None  # the weight as an fp32 array; dropped when the module's tensors change
+        self.wt: torch.Tensor | None = None  # the parameter it was read from
         apply = module._apply
 
         def _apply(fn, *args, **kwargs):  # .to(), .float(), ... replace the weight
@@ -61,8 +62,8 @@ class _NormPath:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         w = self.w
-        if w is None:
-            wt = self.module.weight
+        if w is None or self.module._parameters.get("weight") is not self.wt:  # also a weight replaced by assignment
+            wt = self.wt = self.module.weight
             if self.verified is False or wt.dtype != torch.float32 or not wt.is_cpu or wt.requires_grad:
                 return self.original(x)  # (a weight that wants gradients: training, not decode)
             w = self.w = wt.detach().numpy()

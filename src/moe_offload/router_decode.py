@@ -44,6 +44,7 @@ class _RouterPath:
         self.renorm: bool | None = None  # the variant that matched transformers' forward
         self.verified: bool | None = None
         self.arrays: tuple | None = None  # weight, bias (or empty), top_k; dropped when the tensors change
+        self.wt: torch.Tensor | None = None  # the weight parameter they were read from
         apply = module._apply
 
         def _apply(fn, *args, **kwargs):
@@ -55,10 +56,11 @@ class _RouterPath:
 
     def __call__(self, x: torch.Tensor):
         a = self.arrays
-        if a is None:
+        if a is None or self.module._parameters.get("weight") is not self.wt:  # also a weight replaced by assignment
             if self.verified is False:
                 return self.original(x)
             w, b = self.module.weight, getattr(self.module, "bias", None)
+            self.wt = w
             if (w.dtype != torch.float32 or not w.is_cpu or w.requires_grad
                     or (b is not None and (b.dtype != torch.float32 or b.requires_grad))):
                 return self.original(x)
