@@ -7,7 +7,9 @@ Qwen3-style one (H=512, I=192, top-8 of 128). Each shape gets enough distinct ex
 a few quantized ones at distinct addresses, in one buffer made as the expert cache makes its
 slots: 2 MiB pages) to fill --mb MB, more than the caches, and the calls walk through them in
 turn, so every call reads its weights from RAM. GB/s = bytes of the stored expert tensors the
-call reads / median time; % of RAM bandwidth = that / the best bandwidth measured. Cache-warm
+call reads / median time; % of RAM bandwidth = that / the best bandwidth measured. "At kept
+addresses" is the same kernel called as the offloaded model calls it (moe_layer_decode_at: tile
+addresses kept per slot, the layer's shape checked once), without moe_layer_decode's checks. Cache-warm
 rows (the same experts every call) show the compute ceiling, and the cost of a tiny call the
 fixed cost (Python, dispatch, launch). The RAM bandwidth is measured here too (a 1 GiB torch sum,
 two threads, on 2 MiB pages like the experts; the 4 KiB figure is printed beside it), and every
@@ -96,6 +98,18 @@ def per_expert_int4pack(x, experts, weights):
     return out
 
 
+def at_addresses(experts, variant):
+    """The call the offloaded model makes (moe.LayerExperts._one_call): moe_layer_decode_at on tile
+    addresses kept per slot (here: per expert), the shape checked once."""
+    addrs = {id(g): (g.tensors["tiles"].data_ptr(), d.tensors["tiles"].data_ptr()) for g, d in experts}
+    shape, tag = kernels_layer.layer_shape(*experts[0]), kernels_layer._tag(variant)
+
+    def fn(x, sel, w):
+        a = [addrs[id(g)] for g, _ in sel]
+        return kernels_layer.moe_layer_decode_at(x[0].numpy(), shape, [p for p, _ in a], [q for _, q in a], w, tag)
+    return fn
+
+
 def time_calls(fn, experts, k, calls, H):
     """Seconds per call over `calls` calls, each on the next k experts (wrapping around)."""
     x = torch.randn(1, H)
@@ -140,17 +154,23 @@ def main():
                         tiny, 8, 2000, 32)
     print(f"fixed cost of a call (8 experts of [64, 32] + [32, 32]): best {ts.min() * 1e6:.1f} us, "
           f"median {np.median(ts) * 1e6:.1f} us")
+    with cpu_lock():
+        ts = time_calls(at_addresses(tiny, variant), tiny, 8, 2000, 32)
+    print(f"  the same at kept addresses (moe_layer_decode_at, as the model calls it): best {ts.min() * 1e6:.1f} us, "
+          f"median {np.median(ts) * 1e6:.1f} us")
     for name in a.shapes.split(","):
         H, I, k, E = SHAPES[name]
         rt = make_experts(H, I, 8, 1, "rowtile")[0]
         per_expert = rt[0].nbytes + rt[1].nbytes
         copies = max(4 * k, a.mb * 10**6 // per_expert)
         results = {}
-        for fmt in ("rowtile", "int4pack"):
-            exps = make_experts(H, I, 8, copies, fmt)
+        for fmt in ("rowtile", "rowtile-at", "int4pack"):
+            exps = make_experts(H, I, 8, copies, fmt.removesuffix("-at"))
             nbytes = sum(g.nbytes + d.nbytes for g, d in exps[:k])
             if fmt == "rowtile":
                 fn = lambda x, sel, w: kernels_layer.moe_layer_decode(x[0], sel, w, F.silu, variant_=variant)
+            elif fmt == "rowtile-at":
+                fn = at_addresses(exps, variant)
             else:
                 fn = per_expert_int4pack
             with cpu_lock():
@@ -161,7 +181,8 @@ def main():
         print(f"\n{name}: H={H} I={I} top-{k} of {E}, 4-bit g64, {copies} distinct experts per format "
               f"({copies * per_expert / 1e6:.0f} MB rowtile)")
         print("  path                      bytes/call   best us  median us  GB/s(med)  % of RAM bw  load")
-        for fmt, label in (("rowtile", "one call (rowtile)"), ("int4pack", "per expert (int4pack)")):
+        for fmt, label in (("rowtile", "one call (rowtile)"), ("rowtile-at", "  at kept addresses"),
+                           ("int4pack", "per expert (int4pack)")):
             nbytes, ts, load = results[fmt]
             best, med = ts.min(), float(np.median(ts))
             print(f"  {label:24s} {nbytes:11d} {best * 1e6:9.1f} {med * 1e6:10.1f} {nbytes / med / 1e9:10.1f}"
