@@ -35,14 +35,14 @@ def _paths(model):
                                for m in model.modules() if hasattr(m, "_decode_path"))
 
 
-@pytest.mark.parametrize("family,overrides,routers", [
-    ("mixtral", {"sliding_window": None}, True),  # GQA
-    ("qwen3_moe", {}, True),  # q/k RMSNorm per head
-    ("qwen2_moe", {}, True),  # q/k/v bias
-    ("olmoe", {}, True),  # q/k RMSNorm over the whole projection
-    ("glm4_moe", {}, False),  # rotary embedding on part of each head; a grouped sigmoid router
+@pytest.mark.parametrize("family,overrides,routers,plain_blocks", [
+    ("mixtral", {"sliding_window": None}, True, True),  # GQA
+    ("qwen3_moe", {}, True, True),  # q/k RMSNorm per head; a dense MLP layer between MoE layers
+    ("qwen2_moe", {}, True, False),  # q/k/v bias; a shared expert in the MoE block
+    ("olmoe", {}, True, True),  # q/k RMSNorm over the whole projection
+    ("glm4_moe", {}, False, False),  # rotary embedding on part of each head; a grouped sigmoid router
 ])
-def test_decode_kernels_match_transformers(family, overrides, routers, tmp_path, monkeypatch):
+def test_decode_kernels_match_transformers(family, overrides, routers, plain_blocks, tmp_path, monkeypatch):
     config = tiny_moe_config(family, **{**NAMED[family], **overrides})
     src = build_random_moe(tmp_path / "src", config, seed=4, tokenizer=False)
     store = moe_offload.convert(src, tmp_path / "st", expert_bits=4, dense_bits=4, progress=False)
@@ -55,6 +55,7 @@ def test_decode_kernels_match_transformers(family, overrides, routers, tmp_path,
     try:
         assert not _paths(stock)
         expected = _logits(stock, seq, 9)
+        stock_stats = stock.offload_stats().as_dict()
     finally:
         stock.close()
     monkeypatch.delenv(STOCK_DECODE)
@@ -65,10 +66,19 @@ def test_decode_kernels_match_transformers(family, overrides, routers, tmp_path,
     try:
         got = _logits(model, seq, 9)
         paths = _paths(model)
+        stats = model.offload_stats().as_dict()
+        layers = [m._decode_path for m in model.modules() if type(getattr(m, "_decode_path", None)).__name__ == "_LayerPath"]
     finally:
         model.close()
+    # every decoder layer checked itself against its own forward (which it ran once, not twice:
+    # the cache saw the same requests)
+    assert len(layers) == config.num_hidden_layers and all(p.verified for p in layers)
+    plain = [p.plain_block for p in layers if p.router is not None]  # MoE blocks of a router and experts only
+    assert (plain and all(plain)) if plain_blocks else not any(plain)
+    assert (stats["hits_per_layer"], stats["misses_per_layer"]) == (stock_stats["hits_per_layer"], stock_stats["misses_per_layer"])
     n_attn = config.num_hidden_layers
     assert paths[("_DecodePath", True)] == n_attn and paths[("_NormPath", True)] >= 2 * n_attn + 1, paths
+    assert paths[("_LayerPath", True)] == n_attn, paths
     assert paths[("_RouterPath", True)] == (len(Store.open(store).moe_layers) if routers else 0), paths
     assert not any(v is False for _, v in paths), paths
     # every layer's first decode step is the check (transformers' forward); the rest run the kernels
@@ -176,8 +186,8 @@ def qwen3_store(tmp_path_factory):
 def test_a_module_that_computes_otherwise_keeps_transformers_forward(qwen3_store):
     """The self-check is what makes the path safe for families it was not written for: a module whose
     forward does something else (here: doubles its output, a norm scaling by 1 + weight, a router
-    with sigmoid weights) fails
-    the check on its first call and stays on its own forward."""
+    with sigmoid weights, a decoder layer adding a term of its own) fails the check on its first
+    call and stays on its own forward; a layer whose children stay on theirs never takes the path."""
     store, config = qwen3_store
     model = moe_offload.load(store, experts_per_layer=Store.open(store).num_experts)
     try:
@@ -193,12 +203,17 @@ def test_a_module_that_computes_otherwise_keeps_transformers_forward(qwen3_store
             logits, _, idx = r_orig(x)
             return logits, torch.sigmoid(logits).gather(-1, idx), idx
         r_path.original = sigmoid_router
+        first, _, third = (layer._decode_path for layer in model.model.layers)
+        assert attn in first.layer.modules() and norm in first.layer.modules() and router in first.layer.modules()
+        l_orig = third.original
+        third.original = lambda x, **kw: l_orig(x, **kw) + 1e-3 * x  # e.g. a scaled residual
         seq = torch.randint(3, config.vocab_size, (1, 8))
         _logits(model, seq, 5)
         assert a_path.verified is False and "output" in a_path.why
         assert n_path.verified is False and r_path.verified is False
+        assert first.verified is None and third.verified is False
         others = [m._decode_path.verified for m in model.modules() if hasattr(m, "_decode_path")
-                  and m._decode_path not in (a_path, n_path, r_path)]
+                  and m._decode_path not in (a_path, n_path, r_path, first, third)]
         assert others and all(others)
     finally:
         model.close()

@@ -58,8 +58,11 @@ class _Plan:
     def current(self, module: nn.Module) -> bool:
         """Whether the module still holds the tensors this plan read (a QuantLinear rebuilds its
         QMatrix when its tensors change; a norm weight may be replaced by assignment)."""
-        return module.q_proj._qmatrix is self.qms[0] and all(
-            getattr(module, n)._parameters.get("weight") is w for n, w in zip(_NORMS, self.sources) if w is not None)
+        if module._modules["q_proj"]._qmatrix is not self.qms[0]:
+            return False
+        q, k = self.sources
+        return ((q is None or module._modules["q_norm"]._parameters.get("weight") is q)
+                and (k is None or module._modules["k_norm"]._parameters.get("weight") is k))
 
 
 def _empty() -> np.ndarray:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import attention_decode, kernels, kernels_int4pack, memory, moe, norm_decode, router_decode, tiers
+from . import attention_decode, kernels, kernels_int4pack, layer_decode, memory, moe, norm_decode, router_decode, tiers
 from .archs import MoeSpec, build_meta_model, describe
 from .cache import ExpertCache
 from .config import OffloadConfig, format_size, parse_size
@@ -31,8 +31,8 @@ from .stats import OffloadStats
 from .store import DENSE_FILE, EXPERTS_FILE, Store
 
 
-# "1": transformers' own attention, norms and routers at decode (attention_decode.py, norm_decode.py,
-# router_decode.py), for comparisons
+# "1": transformers' own attention, norms, routers and decoder layers at decode (attention_decode.py,
+# norm_decode.py, router_decode.py, layer_decode.py), for comparisons
 STOCK_DECODE = "MOE_OFFLOAD_STOCK_DECODE"
 
 
@@ -245,6 +245,7 @@ def load(store: str | os.PathLike, *, device: str = "cpu", expert_cache: int | s
     fast_decode = device == "cpu" and os.environ.get(STOCK_DECODE) != "1"
     if fast_decode:
         fast_decode = attention_decode.install(model) + norm_decode.install(model) + router_decode.install(model) > 0
+        layer_decode.install(model)  # after the three above: it builds on their paths
     model.offload_runtime = runtime
     model.offload_spec = spec
     model.offload_stats = MethodType(lambda self: self.offload_runtime.stats, model)

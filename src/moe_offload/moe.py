@@ -73,9 +73,11 @@ class LayerExperts:
                                    gate_up_bias=w.get("gate_up_bias"), down_bias=w.get("down_bias"))
         return y if self.post_norm is None else self.post_norm(y)
 
-    @torch.no_grad()
     def __call__(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                  top_k_weights: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():  # generate() has turned gradients off already: no context to enter
+            with torch.no_grad():
+                return self(hidden_states, top_k_index, top_k_weights)
         rt = self.runtime
         residual = rt.residuals.pop(self.layer, None)
         if rt.prefetcher is not None and residual is not None:
