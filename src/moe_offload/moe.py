@@ -85,9 +85,12 @@ class LayerExperts:
         decode = hidden_states.shape[0] == 1
         if decode:
             # One token: no gather/scatter. index_add_ costs ~30x a plain add at this size (measured).
-            weight_of = {}
-            for e, w in zip(top_k_index[0].tolist(), top_k_weights[0].tolist()):
-                weight_of[e] = weight_of.get(e, 0.0) + w
+            index, weights = top_k_index[0].tolist(), top_k_weights[0].tolist()
+            weight_of = dict(zip(index, weights))
+            if len(weight_of) < len(index):  # an expert chosen twice (not by a top-k): its weights add up
+                weight_of = {}
+                for e, w in zip(index, weights):
+                    weight_of[e] = weight_of.get(e, 0.0) + w
             used = sorted(e for e in weight_of if e < self.num_experts)
         else:
             used = [e for e in torch.unique(top_k_index).tolist() if e < self.num_experts]
@@ -162,7 +165,8 @@ class LayerExperts:
                                                       [weight_of[e] for e in used], self.tag)
             finally:
                 cache.unpin(slots)
-            return torch.from_numpy(y).to(hidden_states.dtype).unsqueeze(0)
+            y = torch.from_numpy(y).view(1, -1)
+            return y if hidden_states.dtype == torch.float32 else y.to(hidden_states.dtype)
         stream = cache.stream(self.layer, used, hold=True)
         try:
             got = sorted((next(stream) for _ in used), key=lambda pair: pair[0])  # summed in expert order
