@@ -263,3 +263,20 @@ def test_the_paths_follow_tensors_that_change(qwen3_store):
             assert attention_decode._close(_logits(model, seq, 5), before, 1e-6)
     finally:
         model.close()
+
+
+def test_the_kernels_are_never_handed_buffers_too_small():
+    """The kernels check no bounds (speed): the Python side refuses shapes they would overrun."""
+    p = _plan(4, 2, 32, 64, 4, 32, False, "none", seed=0)
+    with pytest.raises(ValueError):
+        attention_decode._Plan(**{**p.__dict__, "buffers": (p.buffers[0][:64],) + p.buffers[1:]})
+    with pytest.raises(ValueError):
+        attention_decode._Plan(**{**p.__dict__, "heads": 8})
+    angle = np.zeros(16, np.float32)
+    with pytest.raises(ValueError):
+        attention_decode._project(p, np.ones(32, np.float32), angle, angle)  # hidden size 64 expected
+    with pytest.raises(ValueError):
+        attention_decode._project(p, np.ones(64, np.float32), np.zeros(64, np.float32), np.zeros(64, np.float32))
+    q = np.ones(4 * 32, np.float32)
+    with pytest.raises(ValueError):
+        attention_decode._attend(p, q, torch.ones(1, 4, 3, 32), torch.ones(1, 4, 3, 32))  # 4 KV heads, not 2

@@ -55,6 +55,17 @@ class _Plan:
     tag: np.ndarray  # the kernel variant (kernels_layer.variant()), read when the plan is made
     sources: tuple = ()  # the q_norm/k_norm weight parameters the norms were read from
 
+    def __post_init__(self):
+        # The kernels do not check bounds: every buffer they write must hold what the shapes say.
+        q, k, v, o = self.qms
+        hd, width = self.head_dim, lambda b: b.shape[0]
+        if not (q.n == self.heads * hd and k.n == v.n == self.kv_heads * hd and o.k == q.n
+                and self.kv_heads and self.heads % self.kv_heads == 0 and width(self.buffers[0]) >= q.n
+                and width(self.buffers[1]) >= k.n and width(self.buffers[2]) >= v.n and width(self.buffers[3]) == q.n
+                and all(n.shape[0] in (0, hd, m.n) for n, m in zip(self.norms, (q, k)))):
+            raise ValueError(f"inconsistent attention shapes: q {q.n}, k {k.n}, v {v.n}, o in {o.k}, "
+                             f"{self.heads} heads of {hd}, {self.kv_heads} KV heads")
+
     def current(self, module: nn.Module) -> bool:
         """Whether the module still holds the tensors this plan read (a QuantLinear rebuilds its
         QMatrix when its tensors change; a norm weight may be replaced by assignment)."""
@@ -85,6 +96,9 @@ def _why_not(module: nn.Module) -> str | None:
         return "q/k/v with different bits or groups"
     if not isinstance(getattr(module, "head_dim", None), int) or not isinstance(getattr(module, "layer_idx", None), int):
         return "no head_dim or layer_idx"
+    hd, (q, k, v, o) = module.head_dim, (p.meta for p in projs)
+    if q["n"] % hd or k["n"] % hd or k["n"] != v["n"] or o["k"] != q["n"] or (q["n"] // hd) % max(k["n"] // hd, 1):
+        return "projection sizes that are not whole heads"
     if getattr(getattr(module, "config", None), "attn_logit_softcapping", None):
         return "logit soft-capping"
     for n in _NORMS:
@@ -120,6 +134,8 @@ def _project(plan: _Plan, x: np.ndarray, cos: np.ndarray, sin: np.ndarray):
     (tq, tk, tv, _), (bq, bk, bv, _), (qn, kn) = plan.tiles, plan.biases, plan.norms
     yq, yk, yv, _ = plan.buffers
     m = plan.qms[0]
+    if x.shape[0] != m.k or cos.shape[0] > plan.head_dim or cos.shape != sin.shape:  # the kernels check no bounds
+        raise ValueError(f"hidden state of {x.shape[0]} (projections take {m.k}), rotary tables {cos.shape}/{sin.shape}")
     _jit().qkv(plan.tag, x, m.bits, m.group, tq, tk, tv, yq, yk, yv,
                plan.heads, plan.kv_heads, plan.head_dim, bq, bk, bv, qn, kn, np.float32(plan.eps), cos, sin)
     return yq[:m.n], yk[:plan.qms[1].n], yv[:plan.qms[2].n]
@@ -128,6 +144,9 @@ def _project(plan: _Plan, x: np.ndarray, cos: np.ndarray, sin: np.ndarray):
 def _attend(plan: _Plan, q: np.ndarray, keys: torch.Tensor, values: torch.Tensor) -> np.ndarray:
     """softmax(q K^T * scale) V over the cache (left in plan.buffers[3]), then the output product: [H] fp32."""
     o = plan.qms[3]
+    if keys.shape != values.shape or keys.shape[1] != plan.kv_heads or keys.shape[-1] != plan.head_dim:
+        raise ValueError(f"cache of shape {tuple(keys.shape)}/{tuple(values.shape)} for {plan.kv_heads} KV heads of "
+                         f"{plan.head_dim}")  # the kernels check no bounds
     y = np.empty(plan.tiles[3].shape[0] * kernels_layer.ROWS, np.float32)
     _jit().attend_o(plan.tag, q, _array(keys), _array(values),
                     np.float32(plan.scale), plan.tiles[3], o.bits, o.group, plan.biases[3], plan.buffers[3], y)
@@ -151,8 +170,8 @@ def attention_reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
 def warm_up() -> None:
     """Load (the first time: compile) the kernels on tiny inputs with the argument types of real calls."""
     p = _tiny_plan()
-    q, _, _ = _project(p, np.ones(32, np.float32), np.ones(16, np.float32), np.zeros(16, np.float32))
-    kv = torch.ones(1, 1, 1, 16)
+    q, _, _ = _project(p, np.ones(32, np.float32), np.ones(32, np.float32), np.zeros(32, np.float32))
+    kv = torch.ones(1, 1, 1, 32)
     _attend(p, q, kv, kv)
     _jit().rms_norm_rows(np.ones((1, 32), np.float32), np.ones(32, np.float32), 1e-6, np.empty((1, 32), np.float32))
     out = np.empty(4, np.float32), np.empty(2, np.float32), np.empty(2, np.int64)
@@ -160,10 +179,11 @@ def warm_up() -> None:
 
 
 def _tiny_plan() -> _Plan:
-    qms = tuple(kernels_layer.quantize_rowtile(torch.ones(16, 32), 4, 32, optimize=False) for _ in range(4))
-    bufs = tuple(np.empty(16, np.float32) for _ in range(3)) + (np.empty(32, np.float32),)
+    """One head of 32 and one KV head, hidden size 32."""
+    qms = tuple(kernels_layer.quantize_rowtile(torch.ones(32, 32), 4, 32, optimize=False) for _ in range(4))
+    bufs = tuple(np.empty(32, np.float32) for _ in range(4))
     return _Plan(qms, tuple(m.tensors["tiles"].numpy() for m in qms), (_empty(),) * 4, (_empty(),) * 2, 1e-6,
-                 2, 1, 16, 0.25, bufs, kernels_layer._tag(kernels_layer.variant()))
+                 1, 1, 32, 32 ** -0.5, bufs, kernels_layer._tag(kernels_layer.variant()))
 
 
 def install(model: nn.Module) -> int:

@@ -34,7 +34,8 @@ def _shape_ok(module: nn.Module) -> bool:
         one_argument = len(inspect.signature(module.forward).parameters) == 1
     except (TypeError, ValueError):
         return False
-    return (isinstance(w, torch.Tensor) and w.dim() == 2 and isinstance(getattr(module, "top_k", None), int)
+    k = getattr(module, "top_k", None)
+    return (isinstance(w, torch.Tensor) and w.dim() == 2 and isinstance(k, int) and 0 < k <= w.shape[0]
             and (b is None or (isinstance(b, torch.Tensor) and b.shape == w.shape[:1])) and one_argument)
 
 
