@@ -51,17 +51,15 @@ class _Plan:
     kv_heads: int
     head_dim: int
     scale: float
-    buffers: tuple  # padded q, k, v outputs and the attention before the output product, reused every call
     tag: np.ndarray  # the kernel variant (kernels_layer.variant()), read when the plan is made
     sources: tuple = ()  # the q_norm/k_norm weight parameters the norms were read from
 
     def __post_init__(self):
         # The kernels do not check bounds: every buffer they write must hold what the shapes say.
         q, k, v, o = self.qms
-        hd, width = self.head_dim, lambda b: b.shape[0]
+        hd = self.head_dim
         if not (q.n == self.heads * hd and k.n == v.n == self.kv_heads * hd and o.k == q.n
-                and self.kv_heads and self.heads % self.kv_heads == 0 and width(self.buffers[0]) >= q.n
-                and width(self.buffers[1]) >= k.n and width(self.buffers[2]) >= v.n and width(self.buffers[3]) == q.n
+                and self.kv_heads and self.heads % self.kv_heads == 0
                 and all(n.shape[0] in (0, hd, m.n) for n, m in zip(self.norms, (q, k)))):
             raise ValueError(f"inconsistent attention shapes: q {q.n}, k {k.n}, v {v.n}, o in {o.k}, "
                              f"{self.heads} heads of {hd}, {self.kv_heads} KV heads")
@@ -120,19 +118,18 @@ def _plan(module: nn.Module) -> _Plan:
     norms = tuple(getattr(module, n).weight.detach().float().contiguous().numpy() if hasattr(module, n) else _empty()
                   for n in _NORMS)
     eps = max((_norm_eps(getattr(module, n)) for n in _NORMS if hasattr(module, n)), default=0.0)
-    bufs = tuple(np.empty(m.tensors["tiles"].shape[0] * kernels_layer.ROWS, np.float32) for m in qms[:3])
-    bufs += (np.empty(qms[3].k, np.float32),)
     return _Plan(qms, tuple(m.tensors["tiles"].numpy() for m in qms),
                  tuple(p.bias.detach().float().contiguous().numpy() if p.bias is not None else _empty() for p in projs),
-                 norms, eps, qms[0].n // hd, qms[1].n // hd, hd, float(module.scaling), bufs,
+                 norms, eps, qms[0].n // hd, qms[1].n // hd, hd, float(module.scaling),
                  kernels_layer._tag(kernels_layer.variant()),
                  tuple(getattr(module, n).weight if hasattr(module, n) else None for n in _NORMS))
 
 
 def _project(plan: _Plan, x: np.ndarray, cos: np.ndarray, sin: np.ndarray):
-    """q [heads*hd], k and v [kv_heads*hd] of one token's hidden state x [H]."""
+    """q [heads*hd], k and v [kv_heads*hd] of one token's hidden state x [H]. Fresh arrays every call
+    (a few hundred ns): two threads may decode with one model, as the experts' kernel allows."""
     (tq, tk, tv, _), (bq, bk, bv, _), (qn, kn) = plan.tiles, plan.biases, plan.norms
-    yq, yk, yv, _ = plan.buffers
+    yq, yk, yv = (np.empty(t.shape[0] * kernels_layer.ROWS, np.float32) for t in (tq, tk, tv))
     m = plan.qms[0]
     if x.shape[0] != m.k or cos.shape[0] > plan.head_dim or cos.shape != sin.shape:  # the kernels check no bounds
         raise ValueError(f"hidden state of {x.shape[0]} (projections take {m.k}), rotary tables {cos.shape}/{sin.shape}")
@@ -141,16 +138,18 @@ def _project(plan: _Plan, x: np.ndarray, cos: np.ndarray, sin: np.ndarray):
     return yq[:m.n], yk[:plan.qms[1].n], yv[:plan.qms[2].n]
 
 
-def _attend(plan: _Plan, q: np.ndarray, keys: torch.Tensor, values: torch.Tensor) -> np.ndarray:
-    """softmax(q K^T * scale) V over the cache (left in plan.buffers[3]), then the output product: [H] fp32."""
+def _attend(plan: _Plan, q: np.ndarray, keys: torch.Tensor, values: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """softmax(q K^T * scale) V over the cache, then the output product: ([H] fp32, the attention before it)."""
     o = plan.qms[3]
     if keys.shape != values.shape or keys.shape[1] != plan.kv_heads or keys.shape[-1] != plan.head_dim:
         raise ValueError(f"cache of shape {tuple(keys.shape)}/{tuple(values.shape)} for {plan.kv_heads} KV heads of "
                          f"{plan.head_dim}")  # the kernels check no bounds
-    y = np.empty(plan.tiles[3].shape[0] * kernels_layer.ROWS, np.float32)
+    if q.shape[0] != o.k:
+        raise ValueError(f"{q.shape[0]} query values for an output projection of {o.k}")
+    y, attention = np.empty(plan.tiles[3].shape[0] * kernels_layer.ROWS, np.float32), np.empty(o.k, np.float32)
     _jit().attend_o(plan.tag, q, _array(keys), _array(values),
-                    np.float32(plan.scale), plan.tiles[3], o.bits, o.group, plan.biases[3], plan.buffers[3], y)
-    return y[:o.n]
+                    np.float32(plan.scale), plan.tiles[3], o.bits, o.group, plan.biases[3], attention, y)
+    return y[:o.n], attention
 
 
 def _array(t: torch.Tensor) -> np.ndarray:
@@ -181,9 +180,8 @@ def warm_up() -> None:
 def _tiny_plan() -> _Plan:
     """One head of 32 and one KV head, hidden size 32."""
     qms = tuple(kernels_layer.quantize_rowtile(torch.ones(32, 32), 4, 32, optimize=False) for _ in range(4))
-    bufs = tuple(np.empty(32, np.float32) for _ in range(4))
     return _Plan(qms, tuple(m.tensors["tiles"].numpy() for m in qms), (_empty(),) * 4, (_empty(),) * 2, 1e-6,
-                 1, 1, 32, 32 ** -0.5, bufs, kernels_layer._tag(kernels_layer.variant()))
+                 1, 1, 32, 32 ** -0.5, kernels_layer._tag(kernels_layer.variant()))
 
 
 def install(model: nn.Module) -> int:
@@ -234,7 +232,7 @@ class _DecodePath:
         keys, values = cache.update(torch.from_numpy(k).view(1, p.kv_heads, 1, p.head_dim),
                                     torch.from_numpy(v).view(1, p.kv_heads, 1, p.head_dim), self.layer_idx)
         with kernels_grouped.launch_lock:
-            y = _attend(p, q, keys, values)
+            y, _ = _attend(p, q, keys, values)
         return torch.from_numpy(y).view(1, 1, -1), None
 
     def _check(self, hidden_states, args, kwargs, cache, x, cos, sin):
@@ -251,15 +249,24 @@ class _DecodePath:
         keys, values = keys.contiguous(), values.contiguous()
         with kernels_grouped.launch_lock:
             q, k, v = _project(p, x, cos, sin)
-            y = _attend(p, q, keys, values)
-        core = p.buffers[3].copy()
+            y, core = _attend(p, q, keys, values)
         checks = {"keys": (k, keys[0, :, -1].reshape(-1), 1e-5), "values": (v, values[0, :, -1].reshape(-1), 1e-5),
                   "attention": (core, attention_reference(torch.from_numpy(q), keys, values, p.scale), 1e-5),
                   "output": (y, out[0].reshape(-1), 1e-2)}
         bad = [name for name, (a, b, tol) in checks.items() if not _close(torch.from_numpy(np.asarray(a)), b, tol)]
         self.verified = not bad
         self.why = f"differs from transformers' forward in {', '.join(bad)}" if bad else None
-        return (torch.from_numpy(y).view(1, 1, -1), None) if self.verified else out
+        if not self.verified:
+            return out
+        # From here on the cache holds what the kernels write (transformers' q/k norm and rotary
+        # round a few last bits differently), and this step attends to it, as every later step will.
+        for cached, local, new in ((layer.keys, keys, k), (layer.values, values, v)):
+            new = torch.from_numpy(new).view(1, p.kv_heads, p.head_dim)
+            cached[:, :, -1] = new
+            local[:, :, -1] = new
+        with kernels_grouped.launch_lock:
+            y, _ = _attend(p, q, keys, values)
+        return torch.from_numpy(y).view(1, 1, -1), None
 
 
 _last_rotary: list = [None]  # (pe, its arrays): every layer of a step gets the same (cos, sin) tuple
