@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import moe_offload
 from families import NAMED
-from moe_offload import attention_decode, kernels, kernels_layer, norm_decode, router_decode
+from moe_offload import attention_decode, decode_path, kernels, kernels_layer, norm_decode, router_decode
 from moe_offload.kernels_layer import quantize_rowtile
 from moe_offload.model import STOCK_DECODE
 from moe_offload.store import Store
@@ -137,16 +137,16 @@ def test_attention_kernels_match_their_reference(heads, kv_heads, hd, H, S, bits
     cos, sin = torch.cat([angle.cos(), angle.cos()]).numpy(), torch.cat([angle.sin(), angle.sin()]).numpy()
     q, k, v = (a.copy() for a in attention_decode._project(p, x, cos, sin))
     for got, ref in zip((q, k, v), _projection_reference(p, x, cos, sin)):
-        assert attention_decode._close(torch.from_numpy(got), ref, 1e-5), (got - ref.numpy()).max()
+        assert decode_path.close(torch.from_numpy(got), ref, 1e-5), (got - ref.numpy()).max()
     keys = torch.randn(1, kv_heads, S, hd, generator=g)
     values = torch.randn(1, kv_heads, S, hd, generator=g)
     keys[0, :, -1], values[0, :, -1] = torch.from_numpy(k).view(kv_heads, hd), torch.from_numpy(v).view(kv_heads, hd)
     y, core = attention_decode._attend(p, q, keys, values)
     core = torch.from_numpy(core)
-    assert attention_decode._close(core, attention_decode.attention_reference(torch.from_numpy(q), keys, values, p.scale),
+    assert decode_path.close(core, attention_decode.attention_reference(torch.from_numpy(q), keys, values, p.scale),
                                    1e-5)
     expected = kernels_layer.linear_reference(core[None], p.qms[3])[0] + (torch.from_numpy(p.biases[3]) if bias else 0)
-    assert attention_decode._close(torch.from_numpy(y), expected, 1e-5)
+    assert decode_path.close(torch.from_numpy(y), expected, 1e-5)
 
 
 @pytest.mark.parametrize("rows,H", [(1, 48), (3, 1000), (1, 1024), (7, 32)])
@@ -154,9 +154,9 @@ def test_rms_norm_kernel_matches_its_reference(rows, H):
     g = torch.Generator().manual_seed(rows * H)
     x, w = torch.randn(rows, H, generator=g) * 3, torch.rand(H, generator=g) + 0.5
     y = np.empty((rows, H), np.float32)
-    attention_decode._jit().rms_norm_rows(x.numpy(), w.numpy(), 1e-6, y)
+    decode_path.jit().rms_norm_rows(x.numpy(), w.numpy(), 1e-6, y)
     ref = w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
-    assert attention_decode._close(torch.from_numpy(y), ref, 2e-6)
+    assert decode_path.close(torch.from_numpy(y), ref, 2e-6)
 
 
 @pytest.mark.parametrize("E,H,k,bias", [(8, 64, 2, False), (128, 96, 8, True), (4, 32, 1, False), (3, 32, 3, True)])
@@ -168,11 +168,11 @@ def test_router_kernel_matches_its_reference(E, H, k, bias):
     top, idx = torch.softmax(logits, -1).topk(k)
     for renorm in (True, False):
         out = np.empty(E, np.float32), np.empty(k, np.float32), np.empty(k, np.int64)
-        attention_decode._jit().topk_router(x.numpy(), w.numpy(), b.numpy() if bias else np.zeros(0, np.float32), k,
+        decode_path.jit().topk_router(x.numpy(), w.numpy(), b.numpy() if bias else np.zeros(0, np.float32), k,
                                             renorm, *out)
-        assert attention_decode._close(torch.from_numpy(out[0]), logits, 1e-6)
+        assert decode_path.close(torch.from_numpy(out[0]), logits, 1e-6)
         assert torch.equal(torch.from_numpy(out[2]), idx)
-        assert attention_decode._close(torch.from_numpy(out[1]), top / top.sum() if renorm else top, 1e-6)
+        assert decode_path.close(torch.from_numpy(out[1]), top / top.sum() if renorm else top, 1e-6)
 
 
 @pytest.fixture(scope="module")
@@ -254,13 +254,13 @@ def test_the_paths_follow_tensors_that_change(qwen3_store):
         with torch.no_grad():
             norm.weight = torch.nn.Parameter(norm.weight * 3, requires_grad=False)
             router.weight = torch.nn.Parameter(router.weight.flip(0), requires_grad=False)
-            assert attention_decode._close(norm(x), norm._decode_path.original(x), 1e-5)
+            assert decode_path.close(norm(x), norm._decode_path.original(x), 1e-5)
             h = torch.randn(1, router.weight.shape[1])
             got, ref = router(h), router._decode_path.original(h)
-            assert torch.equal(got[2], ref[2]) and attention_decode._close(got[1], ref[1], 1e-5)
+            assert torch.equal(got[2], ref[2]) and decode_path.close(got[1], ref[1], 1e-5)
             before = _logits(model, seq, 5)
             model.to(torch.float32)  # _apply on every module: the kernels' arrays are rebuilt
-            assert attention_decode._close(_logits(model, seq, 5), before, 1e-6)
+            assert decode_path.close(_logits(model, seq, 5), before, 1e-6)
     finally:
         model.close()
 

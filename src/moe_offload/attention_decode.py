@@ -18,8 +18,6 @@ cache layout, kernels.use_reference()) goes to transformers' forward.
 """
 from __future__ import annotations
 
-import functools
-import importlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,15 +25,11 @@ import torch
 from torch import nn
 
 from . import kernels, kernels_grouped, kernels_layer
+from .decode_path import close, jit, take_forward
 
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 _NORMS = ("q_norm", "k_norm")
 _WHOLE_LAYERS: tuple = ()  # transformers' cache layers _dynamic_layer accepts, imported by install()
-
-
-@functools.lru_cache(maxsize=1)
-def _jit():
-    return importlib.import_module("._decode_jit", __package__)
 
 
 @dataclass
@@ -133,7 +127,7 @@ def _project(plan: _Plan, x: np.ndarray, cos: np.ndarray, sin: np.ndarray):
     m = plan.qms[0]
     if x.shape[0] != m.k or cos.shape[0] > plan.head_dim or cos.shape != sin.shape:  # the kernels check no bounds
         raise ValueError(f"hidden state of {x.shape[0]} (projections take {m.k}), rotary tables {cos.shape}/{sin.shape}")
-    _jit().qkv(plan.tag, x, m.bits, m.group, tq, tk, tv, yq, yk, yv,
+    jit().qkv(plan.tag, x, m.bits, m.group, tq, tk, tv, yq, yk, yv,
                plan.heads, plan.kv_heads, plan.head_dim, bq, bk, bv, qn, kn, np.float32(plan.eps), cos, sin)
     return yq[:m.n], yk[:plan.qms[1].n], yv[:plan.qms[2].n]
 
@@ -147,7 +141,7 @@ def _attend(plan: _Plan, q: np.ndarray, keys: torch.Tensor, values: torch.Tensor
     if q.shape[0] != o.k:
         raise ValueError(f"{q.shape[0]} query values for an output projection of {o.k}")
     y, attention = np.empty(plan.tiles[3].shape[0] * kernels_layer.ROWS, np.float32), np.empty(o.k, np.float32)
-    _jit().attend_o(plan.tag, q, _array(keys), _array(values),
+    jit().attend_o(plan.tag, q, _array(keys), _array(values),
                     np.float32(plan.scale), plan.tiles[3], o.bits, o.group, plan.biases[3], attention, y)
     return y[:o.n], attention
 
@@ -172,9 +166,9 @@ def warm_up() -> None:
     q, _, _ = _project(p, np.ones(32, np.float32), np.ones(32, np.float32), np.zeros(32, np.float32))
     kv = torch.ones(1, 1, 1, 32)
     _attend(p, q, kv, kv)
-    _jit().rms_norm_rows(np.ones((1, 32), np.float32), np.ones(32, np.float32), 1e-6, np.empty((1, 32), np.float32))
+    jit().rms_norm_rows(np.ones((1, 32), np.float32), np.ones(32, np.float32), 1e-6, np.empty((1, 32), np.float32))
     out = np.empty(4, np.float32), np.empty(2, np.float32), np.empty(2, np.int64)
-    _jit().topk_router(np.ones(32, np.float32), np.ones((4, 32), np.float32), _empty(), 2, True, *out)
+    jit().topk_router(np.ones(32, np.float32), np.ones((4, 32), np.float32), _empty(), 2, True, *out)
 
 
 def _tiny_plan() -> _Plan:
@@ -202,13 +196,11 @@ class _DecodePath:
     """Wraps one attention module's forward (see the module docstring)."""
 
     def __init__(self, module: nn.Module):
-        self.module, self.original = module, module.forward
+        take_forward(module, self)
         self.layer_idx = module.layer_idx
         self.plan: _Plan | None = None  # made again when the module's tensors change (_Plan.current)
         self.verified: bool | None = None  # None: not checked yet; False: transformers' path for good
         self.why: str | None = None
-        module.forward = self.__call__
-        module._decode_path = self
 
     def __call__(self, hidden_states, *args, **kwargs):
         # Lean on purpose: at decode every attribute read can be a cache miss (the experts' weights
@@ -253,7 +245,7 @@ class _DecodePath:
         checks = {"keys": (k, keys[0, :, -1].reshape(-1), 1e-5), "values": (v, values[0, :, -1].reshape(-1), 1e-5),
                   "attention": (core, attention_reference(torch.from_numpy(q), keys, values, p.scale), 1e-5),
                   "output": (y, out[0].reshape(-1), 1e-2)}
-        bad = [name for name, (a, b, tol) in checks.items() if not _close(torch.from_numpy(np.asarray(a)), b, tol)]
+        bad = [name for name, (a, b, tol) in checks.items() if not close(torch.from_numpy(np.asarray(a)), b, tol)]
         self.verified = not bad
         self.why = f"differs from transformers' forward in {', '.join(bad)}" if bad else None
         if not self.verified:
@@ -277,11 +269,6 @@ def _rotary(pe) -> tuple[np.ndarray, np.ndarray]:
     if last is None or last[0] is not pe:
         last = _last_rotary[0] = pe, tuple(t.reshape(-1).float().contiguous().numpy() for t in pe)
     return last[1]
-
-
-def _close(a: torch.Tensor, b: torch.Tensor, rel: float) -> bool:
-    b = b.float()
-    return a.shape == b.shape and float((a - b).abs().max()) <= rel * max(float(b.abs().max()), 1e-6)
 
 
 def _dynamic_layer(cache, idx: int) -> bool:

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .attention_decode import _DecodePath
+from .decode_path import take_forward
 from .norm_decode import _NormPath
 from .router_decode import _RouterPath
 
@@ -48,7 +49,7 @@ def _hooked(module: nn.Module) -> bool:
 
 class _LayerPath:
     def __init__(self, layer: nn.Module):
-        self.layer, self.original = layer, layer.forward
+        self.layer = layer
         m = layer._modules
         self.n1, self.attn, self.n2, self.mlp = (m["input_layernorm"], m["self_attn"], m["post_attention_layernorm"],
                                                  m["mlp"])
@@ -60,8 +61,7 @@ class _LayerPath:
         self.experts = block.get("experts") if self.router is not None else None
         self.verified: bool | None = None
         self.plain_block = False  # whether the check saw the block compute experts(h, router(h))
-        layer.forward = self.__call__
-        layer._decode_path = self
+        take_forward(layer, self)
 
     def _ready(self, hidden_states, kwargs) -> bool:
         """The call is one the children's kernels take, and they have all checked themselves."""

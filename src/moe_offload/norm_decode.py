@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .attention_decode import _close, _jit
+from .decode_path import close, jit, take_forward
 
 
 def install(model: nn.Module) -> int:
@@ -46,19 +46,11 @@ class _NormPath:
     through the caches between two calls), so the weight's array is kept here, not looked up."""
 
     def __init__(self, module: nn.Module):
-        self.module, self.original = module, module.forward
         self.eps = _eps(module)
         self.verified: bool | None = None
         self.w: np.ndarray | None = None  # the weight as an fp32 array; dropped when the module's tensors change
         self.wt: torch.Tensor | None = None  # the parameter it was read from
-        apply = module._apply
-
-        def _apply(fn, *args, **kwargs):  # .to(), .float(), ... replace the weight
-            self.w = None
-            return apply(fn, *args, **kwargs)
-        module._apply = _apply
-        module.forward = self.__call__
-        module._decode_path = self
+        take_forward(module, self, on_change=lambda: setattr(self, "w", None))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         w = self.w
@@ -72,11 +64,11 @@ class _NormPath:
             return self.original(x)
         xn = x.numpy()
         y = np.empty(xn.shape, np.float32)
-        _jit().rms_norm_rows(xn.reshape(-1, w.shape[0]), w, self.eps, y.reshape(-1, w.shape[0]))
+        jit().rms_norm_rows(xn.reshape(-1, w.shape[0]), w, self.eps, y.reshape(-1, w.shape[0]))
         y = torch.from_numpy(y)
         if self.verified is None:
             ref = self.original(x)
-            self.verified = _close(y, ref, 1e-5)
+            self.verified = close(y, ref, 1e-5)
             if not self.verified:
                 self.w = None
             return y if self.verified else ref  # the same floats on every call, whichever call checked

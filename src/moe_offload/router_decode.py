@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .attention_decode import _close, _jit
+from .decode_path import close, jit, take_forward
 
 
 def install(model: nn.Module) -> int:
@@ -41,19 +41,11 @@ def _shape_ok(module: nn.Module) -> bool:
 
 class _RouterPath:
     def __init__(self, module: nn.Module):
-        self.module, self.original = module, module.forward
         self.renorm: bool | None = None  # the variant that matched transformers' forward
         self.verified: bool | None = None
         self.arrays: tuple | None = None  # weight, bias (or empty), top_k; dropped when the tensors change
         self.wt: torch.Tensor | None = None  # the weight parameter they were read from
-        apply = module._apply
-
-        def _apply(fn, *args, **kwargs):
-            self.arrays = None
-            return apply(fn, *args, **kwargs)
-        module._apply = _apply
-        module.forward = self.__call__
-        module._decode_path = self
+        take_forward(module, self, on_change=lambda: setattr(self, "arrays", None))
 
     def __call__(self, x: torch.Tensor):
         a = self.arrays
@@ -78,7 +70,7 @@ class _RouterPath:
         w, b, k = a
         logits, scores, idx = np.empty((1, w.shape[0]), np.float32), np.empty((1, k), np.float32), np.empty((1, k), np.int64)
         xn = x.numpy().reshape(-1) if x.is_contiguous() else x.reshape(-1).contiguous().numpy()
-        _jit().topk_router(xn, w, b, k, renorm, logits[0], scores[0], idx[0])
+        jit().topk_router(xn, w, b, k, renorm, logits[0], scores[0], idx[0])
         return torch.from_numpy(logits), torch.from_numpy(scores), torch.from_numpy(idx)
 
     def _check(self, x: torch.Tensor, a: tuple):
@@ -88,7 +80,7 @@ class _RouterPath:
             for renorm in (True, False):
                 got = self._fast(x, a, renorm)
                 if (torch.equal(got[2], ref[2]) and got[1].dtype == ref[1].dtype
-                        and all(_close(g, r.reshape(g.shape), 1e-5) for g, r in zip(got[:2], ref[:2]))):
+                        and all(close(g, r.reshape(g.shape), 1e-5) for g, r in zip(got[:2], ref[:2]))):
                     self.renorm, self.verified = renorm, True
                     return got  # the same floats on every call, whichever call checked
         self.arrays = None
