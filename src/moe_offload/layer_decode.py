@@ -66,7 +66,7 @@ class _LayerPath:
     def _ready(self, hidden_states, kwargs) -> bool:
         """The call is one the children's kernels take, and they have all checked themselves."""
         s = hidden_states.shape
-        return (s[0] == 1 and s[1] == 1 and kwargs.get("attention_mask") is None and not hidden_states.requires_grad
+        return (len(s) == 3 and s[0] == 1 and s[1] == 1 and kwargs.get("attention_mask") is None and not hidden_states.requires_grad
                 and self.attn._decode_path.verified is True and self.n1._decode_path.verified is True
                 and self.n2._decode_path.verified is True and not self.layer.training
                 and not torch.nn.modules.module._global_forward_hooks
