@@ -1,5 +1,5 @@
 """numba kernels of a decode token outside the experts: attention on "rowtile" projections
-(attention_decode.py) and RMSNorm (norm_decode.py); loaded lazily. The attention kernels reuse the
+(attention_decode.py), RMSNorm (norm_decode.py) and top-k routers (router_decode.py); loaded lazily. The attention kernels reuse the
 rowtile row-block step and activation rounding of _layer_jit.py, so the q/k/v/o products are the
 same floats as kernels_layer.linear gives.
 """

@@ -128,7 +128,7 @@ def _project(plan: _Plan, x: np.ndarray, cos: np.ndarray, sin: np.ndarray):
     if x.shape[0] != m.k or cos.shape[0] > plan.head_dim or cos.shape != sin.shape:  # the kernels check no bounds
         raise ValueError(f"hidden state of {x.shape[0]} (projections take {m.k}), rotary tables {cos.shape}/{sin.shape}")
     jit().qkv(plan.tag, x, m.bits, m.group, tq, tk, tv, yq, yk, yv,
-               plan.heads, plan.kv_heads, plan.head_dim, bq, bk, bv, qn, kn, np.float32(plan.eps), cos, sin)
+              plan.heads, plan.kv_heads, plan.head_dim, bq, bk, bv, qn, kn, np.float32(plan.eps), cos, sin)
     return yq[:m.n], yk[:plan.qms[1].n], yv[:plan.qms[2].n]
 
 
@@ -142,7 +142,7 @@ def _attend(plan: _Plan, q: np.ndarray, keys: torch.Tensor, values: torch.Tensor
         raise ValueError(f"{q.shape[0]} query values for an output projection of {o.k}")
     y, attention = np.empty(plan.tiles[3].shape[0] * kernels_layer.ROWS, np.float32), np.empty(o.k, np.float32)
     jit().attend_o(plan.tag, q, _array(keys), _array(values),
-                    np.float32(plan.scale), plan.tiles[3], o.bits, o.group, plan.biases[3], attention, y)
+                   np.float32(plan.scale), plan.tiles[3], o.bits, o.group, plan.biases[3], attention, y)
     return y[:o.n], attention
 
 
@@ -161,7 +161,8 @@ def attention_reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
 
 
 def warm_up() -> None:
-    """Load (the first time: compile) the kernels on tiny inputs with the argument types of real calls."""
+    """Load (the first time: compile) every decode kernel (attention, RMSNorm, router) on tiny inputs
+    with the argument types of real calls."""
     p = _tiny_plan()
     q, _, _ = _project(p, np.ones(32, np.float32), np.ones(32, np.float32), np.zeros(32, np.float32))
     kv = torch.ones(1, 1, 1, 32)
