@@ -204,7 +204,7 @@ def test_a_module_that_computes_otherwise_keeps_transformers_forward(qwen3_store
             return logits, torch.sigmoid(logits).gather(-1, idx), idx
         r_path.original = sigmoid_router
         first, _, third = (layer._decode_path for layer in model.model.layers)
-        assert attn in first.layer.modules() and norm in first.layer.modules() and router in first.layer.modules()
+        assert attn in first.module.modules() and norm in first.module.modules() and router in first.module.modules()
         l_orig = third.original
         third.original = lambda x, **kw: l_orig(x, **kw) + 1e-3 * x  # e.g. a scaled residual
         seq = torch.randint(3, config.vocab_size, (1, 8))

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from . import kernels, kernels_grouped, kernels_layer
-from .decode_path import close, jit, take_forward
+from .decode_path import close, jit, rms_norm_eps, take_forward
 
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 _NORMS = ("q_norm", "k_norm")
@@ -94,15 +94,9 @@ def _why_not(module: nn.Module) -> str | None:
     if getattr(getattr(module, "config", None), "attn_logit_softcapping", None):
         return "logit soft-capping"
     for n in _NORMS:
-        if n in children and _norm_eps(children[n]) is None:
+        if n in children and rms_norm_eps(children[n]) is None:
             return f"{n} is not an RMSNorm with a weight"
     return None
-
-
-def _norm_eps(norm: nn.Module) -> float | None:
-    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
-    w = getattr(norm, "weight", None)
-    return float(eps) if isinstance(eps, float) and isinstance(w, torch.Tensor) and w.dim() == 1 else None
 
 
 def _plan(module: nn.Module) -> _Plan:
@@ -111,7 +105,7 @@ def _plan(module: nn.Module) -> _Plan:
     hd = module.head_dim
     norms = tuple(getattr(module, n).weight.detach().float().contiguous().numpy() if hasattr(module, n) else _empty()
                   for n in _NORMS)
-    eps = max((_norm_eps(getattr(module, n)) for n in _NORMS if hasattr(module, n)), default=0.0)
+    eps = max((rms_norm_eps(getattr(module, n)) for n in _NORMS if hasattr(module, n)), default=0.0)
     return _Plan(qms, tuple(m.tensors["tiles"].numpy() for m in qms),
                  tuple(p.bias.detach().float().contiguous().numpy() if p.bias is not None else _empty() for p in projs),
                  norms, eps, qms[0].n // hd, qms[1].n // hd, hd, float(module.scaling),

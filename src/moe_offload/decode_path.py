@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import inspect
 from typing import Callable
 
 import torch
@@ -36,3 +37,19 @@ def take_forward(module: nn.Module, path, on_change: Callable[[], None] | None =
         module._apply = _apply
     module.forward = path.__call__
     module._decode_path = path
+
+
+def rms_norm_eps(module: nn.Module) -> float | None:
+    """The epsilon of a leaf norm with a one-dimensional weight (what the RMSNorm kernel reads), else None."""
+    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+    w = getattr(module, "weight", None)
+    leaf = not any(True for _ in module.children())
+    return float(eps) if leaf and isinstance(eps, float) and isinstance(w, torch.Tensor) and w.dim() == 1 else None
+
+
+def one_argument(module: nn.Module) -> bool:
+    """Whether the module's forward takes exactly one argument (a path replaces only such forwards)."""
+    try:
+        return len(inspect.signature(module.forward).parameters) == 1
+    except (TypeError, ValueError):
+        return False

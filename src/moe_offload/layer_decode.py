@@ -49,7 +49,6 @@ def _hooked(module: nn.Module) -> bool:
 
 class _LayerPath:
     def __init__(self, layer: nn.Module):
-        self.layer = layer
         m = layer._modules
         self.n1, self.attn, self.n2, self.mlp = (m["input_layernorm"], m["self_attn"], m["post_attention_layernorm"],
                                                  m["mlp"])
@@ -68,7 +67,7 @@ class _LayerPath:
         s = hidden_states.shape
         return (len(s) == 3 and s[0] == 1 and s[1] == 1 and kwargs.get("attention_mask") is None and not hidden_states.requires_grad
                 and self.attn._decode_path.verified is True and self.n1._decode_path.verified is True
-                and self.n2._decode_path.verified is True and not self.layer.training
+                and self.n2._decode_path.verified is True and not self.module.training
                 and not torch.nn.modules.module._global_forward_hooks
                 and not torch.nn.modules.module._global_forward_pre_hooks)
 

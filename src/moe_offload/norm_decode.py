@@ -9,36 +9,20 @@ the stock forward.
 """
 from __future__ import annotations
 
-import inspect
-
 import numpy as np
 import torch
 from torch import nn
 
-from .decode_path import close, jit, take_forward
+from .decode_path import close, jit, one_argument, rms_norm_eps, take_forward
 
 
 def install(model: nn.Module) -> int:
     n = 0
     for module in model.modules():
-        if type(module).__name__.endswith("RMSNorm") and _eps(module) is not None and _one_argument(module):
+        if type(module).__name__.endswith("RMSNorm") and rms_norm_eps(module) is not None and one_argument(module):
             _NormPath(module)
             n += 1
     return n
-
-
-def _eps(module: nn.Module) -> float | None:
-    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
-    w = getattr(module, "weight", None)
-    leaf = not any(True for _ in module.children())
-    return float(eps) if leaf and isinstance(eps, float) and isinstance(w, torch.Tensor) and w.dim() == 1 else None
-
-
-def _one_argument(module: nn.Module) -> bool:
-    try:
-        return len(inspect.signature(module.forward).parameters) == 1
-    except (TypeError, ValueError):
-        return False
 
 
 class _NormPath:
@@ -46,7 +30,7 @@ class _NormPath:
     through the caches between two calls), so the weight's array is kept here, not looked up."""
 
     def __init__(self, module: nn.Module):
-        self.eps = _eps(module)
+        self.eps = rms_norm_eps(module)
         self.verified: bool | None = None
         self.w: np.ndarray | None = None  # the weight as an fp32 array; dropped when the module's tensors change
         self.wt: torch.Tensor | None = None  # the parameter it was read from

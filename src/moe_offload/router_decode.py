@@ -10,13 +10,11 @@ On its first such call it runs its own forward too and keeps whichever variant o
 """
 from __future__ import annotations
 
-import inspect
-
 import numpy as np
 import torch
 from torch import nn
 
-from .decode_path import close, jit, take_forward
+from .decode_path import close, jit, one_argument, take_forward
 
 
 def install(model: nn.Module) -> int:
@@ -29,14 +27,9 @@ def install(model: nn.Module) -> int:
 
 
 def _shape_ok(module: nn.Module) -> bool:
-    w, b = getattr(module, "weight", None), getattr(module, "bias", None)
-    try:
-        one_argument = len(inspect.signature(module.forward).parameters) == 1
-    except (TypeError, ValueError):
-        return False
-    k = getattr(module, "top_k", None)
+    w, b, k = getattr(module, "weight", None), getattr(module, "bias", None), getattr(module, "top_k", None)
     return (isinstance(w, torch.Tensor) and w.dim() == 2 and isinstance(k, int) and 0 < k <= w.shape[0]
-            and (b is None or (isinstance(b, torch.Tensor) and b.shape == w.shape[:1])) and one_argument)
+            and (b is None or (isinstance(b, torch.Tensor) and b.shape == w.shape[:1])) and one_argument(module))
 
 
 class _RouterPath:
