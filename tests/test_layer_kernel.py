@@ -1,5 +1,5 @@
 """The "rowtile" format and the one-call MoE layer kernel against their plain references, on fresh
-random inputs, for every dot-step variant this CPU runs (VNNI and the portable fallback)."""
+random inputs, for every dot-step variant this CPU runs (VNNI, AVX2 and the portable fallback)."""
 import os
 import subprocess
 import sys
@@ -229,6 +229,8 @@ def test_dispatch_follows_the_cpu(monkeypatch):
         flags = f.read()
     if "avx512_vnni" in flags:
         assert "vnni512" in VARIANTS and kl.variant() == "vnni512"
+    elif " avx2" in flags and "avx_vnni" not in flags:
+        assert kl.variant() == "avx2"
     monkeypatch.setenv("MOE_OFFLOAD_ROWTILE", "portable")
     assert kl.variant() == "portable"
     monkeypatch.setenv("MOE_OFFLOAD_ROWTILE", "nonsense")
@@ -237,25 +239,30 @@ def test_dispatch_follows_the_cpu(monkeypatch):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="x86 Linux build")
-def test_a_cpu_without_vnni_runs_the_portable_code():
-    """numba compiles for an AVX2 CPU (haswell): dispatch must pick the portable variant, and its
-    code must not need VNNI (LLVM would fail to select the instruction), with the same results."""
+@pytest.mark.parametrize("cpu,features,usable", [
+    ("haswell", "+avx,+avx2,+fma,+f16c,+sse4.2,+popcnt,+bmi,+bmi2,+lzcnt,+movbe,+cx16", ("avx2", "portable")),
+    ("ivybridge", "+avx,+f16c,+sse4.2,+popcnt,+cx16", ("portable",)),  # AVX without AVX2 (F16C: the scales)
+])
+def test_a_cpu_without_vnni_runs_its_own_code(cpu, features, usable):
+    """numba compiles for a CPU without VNNI (AVX2, or none): dispatch must pick the variants it
+    can run, whose code must not need VNNI (LLVM would fail to select the instruction), each with
+    the reference's results at every bit width (8-bit codes on AVX2 take the portable step)."""
     code = (
-        "import torch, torch.nn.functional as F\n"
+        "import os, torch, torch.nn.functional as F\n"
         "from moe_offload import kernels_layer as kl\n"
-        "assert kl.usable_variants() == ('portable',), kl.usable_variants()\n"
+        f"assert kl.usable_variants() == {usable!r}, kl.usable_variants()\n"
         "torch.manual_seed(0)\n"
         "e = [(kl.quantize_rowtile(torch.randn(2*64, 96), b, 32, optimize=False),"
         " kl.quantize_rowtile(torch.randn(96, 64), b, 32, optimize=False)) for b in (2, 3, 4, 8) for _ in range(1)]\n"
-        "for ex in e:\n"
-        "    x = torch.randn(96)\n"
-        "    y = kl.moe_layer_decode(x, [ex], [0.7], F.silu)\n"
-        "    r = kl.moe_layer_reference(x, [ex], [0.7], F.silu)\n"
-        "    assert ((y - r).norm() / r.norm()).item() < 1e-4, ((y - r).norm() / r.norm()).item()\n"
-        "print('portable ok')\n")
-    env = dict(os.environ, NUMBA_CPU_NAME="haswell",
-               NUMBA_CPU_FEATURES="+avx,+avx2,+fma,+f16c,+sse4.2,+popcnt,+bmi,+bmi2,+lzcnt,+movbe,+cx16",
+        "for v in kl.usable_variants():\n"
+        "    for ex in e:\n"
+        "        x = torch.randn(96)\n"
+        "        y = kl.moe_layer_decode(x, [ex], [0.7], F.silu, variant_=v)\n"
+        "        r = kl.moe_layer_reference(x, [ex], [0.7], F.silu)\n"
+        "        assert ((y - r).norm() / r.norm()).item() < 1e-4, (v, ((y - r).norm() / r.norm()).item())\n"
+        "print('variants ok')\n")
+    env = dict(os.environ, NUMBA_CPU_NAME=cpu, NUMBA_CPU_FEATURES=features,
                PYTHONPATH=os.pathsep.join(p for p in [os.path.join(os.path.dirname(__file__), "..", "src"),
                                                       os.environ.get("PYTHONPATH", "")] if p))
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0 and "portable ok" in r.stdout, r.stderr[-2000:]
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0 and "variants ok" in r.stdout, r.stderr[-2000:]

@@ -21,7 +21,9 @@ row block over a range of groups, accumulators in registers. The dot step comes 
 variants, chosen at compile time by the dtype of a zero-size `tag` array (numba compiles one
 specialization per dtype, and never compiles a VNNI one on a CPU without VNNI, where LLVM could
 not select it): int8 -> vpdpbusd on zmm (AVX512-VNNI), int16 -> vpdpbusd on two ymm (AVX-VNNI),
-int32 -> plain integer IR (zext/sext, mul, pairwise adds) that LLVM lowers to pmaddwd on any x86.
+int64 -> pmaddubsw then pmaddwd by ones on two ymm (AVX2, llama.cpp's way without VNNI: exact for
+codes of 4 bits or fewer; 8-bit codes take the portable step), int32 -> plain integer IR
+(zext/sext, mul, pairwise adds) that LLVM lowers to pmaddwd on any x86.
 Every load is unaligned (align 1): the caller's buffers carry no alignment promise.
 """
 import numpy as np
@@ -32,7 +34,7 @@ from numba.extending import intrinsic
 
 _OPTS = dict(nogil=True, cache=True, error_model="numpy", boundscheck=False)
 
-TAGS = {"vnni512": np.int8, "vnni256": np.int16, "portable": np.int32}
+TAGS = {"vnni512": np.int8, "vnni256": np.int16, "avx2": np.int64, "portable": np.int32}
 STEP_BYTES = {2: 128, 3: 192, 4: 256, 8: 512}  # bytes of codes per 32 k of 16 rows
 # Units a thread claims at once in a layer call: consecutive units lie next to each other in memory,
 # so each thread reads longer runs (measured, interleaved calls from RAM: 1 -> 4 was 6% faster on
@@ -56,7 +58,7 @@ def _splat8(c):
 
 
 def _variant(tag_type):
-    return {types.int8: "vnni512", types.int16: "vnni256", types.int32: "portable"}[tag_type.dtype]
+    return {types.int8: "vnni512", types.int16: "vnni256", types.int64: "avx2", types.int32: "portable"}[tag_type.dtype]
 
 
 def _dot(builder, variant, acc, a, b):
@@ -76,6 +78,19 @@ def _dot(builder, variant, acc, a, b):
             halves.append(builder.call(fn, [builder.shuffle_vector(acc, acc, m), builder.shuffle_vector(a32, a32, m),
                                             builder.shuffle_vector(b32, b32, m)]))
         return builder.shuffle_vector(halves[0], halves[1], _mask(range(16)))
+    if variant == "avx2":  # 4 bits or fewer (_step): pairs of u8 * s8 summed in i16 cannot saturate (2 * 15 * 128)
+        v32i8, v16i16, v8i32 = ir.VectorType(_i8, 32), ir.VectorType(_i16, 16), ir.VectorType(_i32, 8)
+        maddubs = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16i16, [v32i8, v32i8]),
+                                                 "llvm.x86.avx2.pmadd.ub.sw")
+        maddwd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8i32, [v16i16, v16i16]),
+                                                "llvm.x86.avx2.pmadd.wd")
+        ones = ir.Constant(v16i16, [ir.Constant(_i16, 1)] * 16)
+        halves = []
+        for h in range(2):
+            m = _mask(range(32 * h, 32 * h + 32))
+            pairs = builder.call(maddubs, [builder.shuffle_vector(a, a, m), builder.shuffle_vector(b, b, m)])
+            halves.append(builder.call(maddwd, [pairs, ones]))
+        return builder.add(acc, builder.shuffle_vector(halves[0], halves[1], _mask(range(16))))
     # portable: u8 * s8 is exact in i16 (255 * 127 < 2^15); pairwise sums in i32 (the pmaddwd pattern)
     v64i16, v32i16, v32i32 = ir.VectorType(_i16, 64), ir.VectorType(_i16, 32), ir.VectorType(_i32, 32)
     a16, b16 = builder.zext(a, v64i16), builder.sext(b, v64i16)
@@ -103,6 +118,8 @@ def _step(builder, variant, bits, cp, xp, accs):
     """One step (32 k of 16 rows) at codes cp, activations xp: four independent accumulator chains."""
     ld = lambda off: builder.load(_ptr(builder, cp, ir.Constant(_i64, off), _v64i8), align=1)
     n = 0
+    if variant == "avx2" and bits == 8:  # 8-bit codes would saturate pmaddubsw's i16 pair sums
+        variant = "portable"
 
     def dot(codes, xoff):
         nonlocal n

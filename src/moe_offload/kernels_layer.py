@@ -34,7 +34,7 @@ BITS = (2, 3, 4, 8)
 GROUPS = ROWTILE_GROUPS
 ROWS = 16  # rows per tile: one int32 lane each in a 512-bit vector
 _STEP_BYTES = {2: 128, 3: 192, 4: 256, 8: 512}  # code bytes per 32 k of one row block
-VARIANTS = ("vnni512", "vnni256", "portable")
+VARIANTS = ("vnni512", "vnni256", "avx2", "portable")
 
 
 # ---------------------------------------------------------------- format
@@ -143,6 +143,8 @@ def usable_variants() -> tuple[str, ...]:
         out.append("vnni512")
     if "avxvnni" in f or {"avx512vnni", "avx512vl"} <= f:
         out.append("vnni256")
+    if "avx2" in f:
+        out.append("avx2")
     return tuple(out) + ("portable",)
 
 

@@ -74,9 +74,11 @@ def effective_group(k: int, group: int) -> int:
 
 @lru_cache(maxsize=1)
 def rowtile_fast() -> bool:
-    """This CPU has the integer dot products (VNNI) the "rowtile" kernels are fast with. Measured
-    here (AVX-512 VNNI, 2 threads, one token): 1.5-3.7x torch's int4 op at 3 and 4 bits and
-    every shape of the quarter model, and no slower on 128-token batches; without VNNI it stays unmeasured."""
+    """This CPU has integer dot products the "rowtile" kernels are fast with: VNNI, or AVX2's
+    pmaddubsw. Measured (2 threads, one token, 4-bit): with AVX-512 VNNI 1.5-3.7x torch's int4 op
+    at 3 and 4 bits and every shape of the quarter model, and no slower on 128-token batches; on an
+    AVX2-only EPYC a quarter-Mixtral layer 2.5x and a Qwen3-style one 7x (tools/bench_layer_kernel.py).
+    The portable step alone (no AVX2) was no faster than torch's op there."""
     if not fused_grouped_available():
         return False
     from .kernels_layer import usable_variants  # kernels_layer builds on this module
