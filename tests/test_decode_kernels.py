@@ -59,9 +59,10 @@ def test_decode_kernels_match_transformers(family, overrides, routers, plain_blo
     finally:
         stock.close()
     monkeypatch.delenv(STOCK_DECODE)
-    calls = []
-    real = attention_decode._attend
+    calls, fused = [], []
+    real, real_fused = attention_decode._attend, attention_decode.attend_route
     monkeypatch.setattr(attention_decode, "_attend", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(attention_decode, "attend_route", lambda *a: fused.append(1) or real_fused(*a))
     model = moe_offload.load(store, experts_per_layer=experts)
     try:
         got = _logits(model, seq, 9)
@@ -83,11 +84,28 @@ def test_decode_kernels_match_transformers(family, overrides, routers, plain_blo
     assert not any(v is False for _, v in paths), paths
     # every layer's first decode step is the check (transformers' forward, then the kernels on its
     # cache, then again on the cache with the kernels' keys and values); the rest run the kernels
-    assert len(calls) == n_attn * (STEPS - 1) + 2 * n_attn
+    assert len(calls) == n_attn * (STEPS - 1) + 2 * n_attn and not fused  # the prefetcher's hook: no fused step
     diffs = (got - expected).abs().amax(-1) / expected.abs().max()
     assert diffs[0] <= 1e-5  # the prompt: transformers' attention, our norms (float rounding)
     # float rounding (~1e-7); an int8 activation that rounds the other way moves a step by up to ~1e-3
     assert diffs.median() <= 1e-5 and diffs.max() <= 2e-2, diffs
+
+    # Without a prefetcher every layer whose block is a router and experts takes the fused step
+    # (layer_decode._fused), with the children's own floats, bit for bit.
+    def without_prefetch(fuse: bool):
+        model = moe_offload.load(store, experts_per_layer=experts, prefetch=0)
+        try:
+            for m in model.modules():
+                if type(getattr(m, "_decode_path", None)).__name__ == "_LayerPath":
+                    m._decode_path.fused = fuse
+            before = len(fused)
+            return _logits(model, seq, 9), len(fused) - before
+        finally:
+            model.close()
+    (with_fused, n_fused), (unfused, n_unfused) = without_prefetch(True), without_prefetch(False)
+    # (a layer's first decode step checks its attention, the second the layer; then every step is fused)
+    assert n_fused == sum(1 for p in layers if p.plain_block) * (STEPS - 2) and n_unfused == 0
+    assert torch.equal(with_fused, unfused)
 
 
 def _plan(heads, kv_heads, hd, H, bits, group, bias, norm, seed):

@@ -167,3 +167,28 @@ def topk_router(x, w, bias, k, renorm, logits, scores, idx):
     if renorm:
         for j in range(k):
             scores[j] /= s
+
+
+# ---------------------------------------------------------------- a decoder layer in two calls
+# layer_decode.py's fused step: the same inline steps in the same order as the calls above, so the
+# same floats, with two dispatches a layer instead of five and no Python between them.
+
+@njit(**_OPTS)
+def norm_qkv(tag, x, nw, neps, h, bits, group, tq, tk, tv, yq, yk, yv, heads, kv_heads, hd, bq, bk, bv, qn, kn,
+             eps, cos, sin):
+    """h = RMSNorm(x) (rms_norm_rows), then qkv() of h."""
+    h[:] = x
+    _rms_norm(h, nw, neps)
+    qkv(tag, h, bits, group, tq, tk, tv, yq, yk, yv, heads, kv_heads, hd, bq, bk, bv, qn, kn, eps, cos, sin)
+
+
+@njit(**_OPTS)
+def attend_route(tag, q, keys, values, scale, to, bits, group, bo, att, y, x, x2, nw, neps, h, rw, rb, k, renorm,
+                 logits, scores, idx):
+    """attend_o() into y, the residual x2 = x + y, h = RMSNorm(x2), then topk_router() of h."""
+    attend_o(tag, q, keys, values, scale, to, bits, group, bo, att, y)
+    for i in range(x.shape[0]):
+        x2[i] = x[i] + y[i]
+        h[i] = x2[i]
+    _rms_norm(h, nw, neps)
+    topk_router(h, rw, rb, k, renorm, logits, scores, idx)

@@ -113,16 +113,23 @@ def _plan(module: nn.Module) -> _Plan:
                  tuple(getattr(module, n).weight if hasattr(module, n) else None for n in _NORMS))
 
 
-def _project(plan: _Plan, x: np.ndarray, cos: np.ndarray, sin: np.ndarray):
+def _project(plan: _Plan, x: np.ndarray, cos: np.ndarray, sin: np.ndarray, norm: tuple | None = None):
     """q [heads*hd], k and v [kv_heads*hd] of one token's hidden state x [H]. Fresh arrays every call
-    (a few hundred ns): two threads may decode with one model, as the experts' kernel allows."""
+    (a few hundred ns): two threads may decode with one model, as the experts' kernel allows.
+    With norm = (weight, eps), the products are of RMSNorm(x), normed in the same call (layer_decode)."""
     (tq, tk, tv, _), (bq, bk, bv, _), (qn, kn) = plan.tiles, plan.biases, plan.norms
     yq, yk, yv = (np.empty(t.shape[0] * kernels_layer.ROWS, np.float32) for t in (tq, tk, tv))
     m = plan.qms[0]
-    if x.shape[0] != m.k or cos.shape[0] > plan.head_dim or cos.shape != sin.shape:  # the kernels check no bounds
-        raise ValueError(f"hidden state of {x.shape[0]} (projections take {m.k}), rotary tables {cos.shape}/{sin.shape}")
-    jit().qkv(plan.tag, x, m.bits, m.group, tq, tk, tv, yq, yk, yv,
-              plan.heads, plan.kv_heads, plan.head_dim, bq, bk, bv, qn, kn, np.float32(plan.eps), cos, sin)
+    if (x.shape[0] != m.k or cos.shape[0] > plan.head_dim or cos.shape != sin.shape
+            or (norm is not None and norm[0].shape != x.shape)):  # the kernels check no bounds
+        raise ValueError(f"hidden state of {x.shape[0]} (projections take {m.k}), rotary tables {cos.shape}/{sin.shape}"
+                         + (f", norm weight {norm[0].shape}" if norm is not None else ""))
+    args = (m.bits, m.group, tq, tk, tv, yq, yk, yv, plan.heads, plan.kv_heads, plan.head_dim, bq, bk, bv, qn, kn,
+            np.float32(plan.eps), cos, sin)
+    if norm is None:
+        jit().qkv(plan.tag, x, *args)
+    else:  # eps as the norm's own path passes it (a Python float), for the same floats
+        jit().norm_qkv(plan.tag, x, norm[0], norm[1], np.empty_like(x), *args)
     return yq[:m.n], yk[:plan.qms[1].n], yv[:plan.qms[2].n]
 
 
@@ -138,6 +145,28 @@ def _attend(plan: _Plan, q: np.ndarray, keys: torch.Tensor, values: torch.Tensor
     jit().attend_o(plan.tag, q, _array(keys), _array(values),
                    np.float32(plan.scale), plan.tiles[3], o.bits, o.group, plan.biases[3], attention, y)
     return y[:o.n], attention
+
+
+def attend_route(plan: _Plan, q: np.ndarray, keys: torch.Tensor, values: torch.Tensor, x: np.ndarray,
+                 norm: tuple, router: tuple, renorm: bool):
+    """A decoder layer's middle in one call (layer_decode): the attention output y as _attend gives
+    it, the residual x + y, its RMSNorm with norm = (weight, eps), and a top-k router = (weight,
+    bias or empty, k) on that. Returns (x + y, its norm, router logits [E], top-k weights [k], indices [k])."""
+    o, (rw, rb, k) = plan.qms[3], router
+    if keys.shape != values.shape or keys.shape[1] != plan.kv_heads or keys.shape[-1] != plan.head_dim:
+        raise ValueError(f"cache of shape {tuple(keys.shape)}/{tuple(values.shape)} for {plan.kv_heads} KV heads of "
+                         f"{plan.head_dim}")  # the kernels check no bounds
+    if (q.shape[0] != o.k or x.shape[0] != o.n or norm[0].shape != x.shape or rw.shape[1] != o.n
+            or rb.shape[0] not in (0, rw.shape[0]) or not 0 < k <= rw.shape[0]):
+        raise ValueError(f"{q.shape[0]} query values for an output projection of {o.k} -> {o.n}, hidden state "
+                         f"{x.shape[0]}, norm {norm[0].shape}, router {rw.shape} top-{k}")
+    y = np.empty(plan.tiles[3].shape[0] * kernels_layer.ROWS, np.float32)
+    x2, h = np.empty_like(x), np.empty_like(x)
+    logits, scores, idx = np.empty(rw.shape[0], np.float32), np.empty(k, np.float32), np.empty(k, np.int64)
+    jit().attend_route(plan.tag, q, _array(keys), _array(values), np.float32(plan.scale), plan.tiles[3], o.bits,
+                       o.group, plan.biases[3], np.empty(o.k, np.float32), y, x, x2, norm[0], norm[1], h, rw, rb, k,
+                       renorm, logits, scores, idx)
+    return x2, h, logits, scores, idx
 
 
 def _array(t: torch.Tensor) -> np.ndarray:
@@ -197,7 +226,8 @@ class _DecodePath:
         self.verified: bool | None = None  # None: not checked yet; False: transformers' path for good
         self.why: str | None = None
 
-    def __call__(self, hidden_states, *args, **kwargs):
+    def inputs(self, hidden_states, args, kwargs):
+        """(plan, cache, cos, sin) if this call is one the kernels take, else None."""
         # Lean on purpose: at decode every attribute read can be a cache miss (the experts' weights
         # stream through the caches between two calls of a layer).
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
@@ -206,12 +236,18 @@ class _DecodePath:
         if (self.verified is False or shape[0] != 1 or shape[1] != 1 or kwargs.get("attention_mask") is not None
                 or pe is None or cache is None or hidden_states.dtype != torch.float32 or not hidden_states.is_cpu
                 or hidden_states.requires_grad or self.module.training or kernels.reference_mode() or not _dynamic_layer(cache, self.layer_idx)):
-            return self.original(hidden_states, *args, **kwargs)
+            return None
         p = self.plan
         if p is None or not p.current(self.module):
             p = self.plan = _plan(self.module)
+        return (p, cache, *_rotary(pe))
+
+    def __call__(self, hidden_states, *args, **kwargs):
+        got = self.inputs(hidden_states, args, kwargs)
+        if got is None:
+            return self.original(hidden_states, *args, **kwargs)
+        p, cache, cos, sin = got
         x = hidden_states.numpy().reshape(-1) if hidden_states.is_contiguous() else hidden_states.reshape(-1).contiguous().numpy()
-        cos, sin = _rotary(pe)
         if self.verified is None:
             return self._check(hidden_states, args, kwargs, cache, x, cos, sin)
         with kernels_grouped.launch_lock:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import attention_decode, kernels_grouped
 from .attention_decode import _DecodePath
 from .decode_path import take_forward
 from .norm_decode import _NormPath
@@ -60,6 +61,7 @@ class _LayerPath:
         self.experts = block.get("experts") if self.router is not None else None
         self.verified: bool | None = None
         self.plain_block = False  # whether the check saw the block compute experts(h, router(h))
+        self.fused = True  # False: never the fused step (tests compare it with the unfused one)
         take_forward(layer, self)
 
     def _ready(self, hidden_states, kwargs) -> bool:
@@ -76,12 +78,49 @@ class _LayerPath:
             return self.original(hidden_states, *args, **kwargs)
         if self.verified is None:
             return self._check(hidden_states, kwargs)
+        if self.fused and self._fusable():
+            out = self._fused(hidden_states, kwargs)
+            if out is not None:
+                return out
         n1, attn, n2 = self.n1, self.attn, self.n2
         h = n1(hidden_states) if _hooked(n1) else n1._decode_path(hidden_states)
         a = (attn(hidden_states=h, **kwargs) if _hooked(attn) else attn._decode_path(h, **kwargs))[0]
         x = hidden_states + a
         h = n2(x) if _hooked(n2) else n2._decode_path(x)
         return x + self._block(h)
+
+    def _fusable(self) -> bool:
+        """Whether no child has hooks and the MoE block is experts(h, router(h)) with a checked router."""
+        r = self.router
+        return (self.plain_block and r._decode_path.verified is True and not _hooked(self.n1) and not _hooked(self.attn)
+                and not _hooked(self.n2) and not _hooked(self.mlp) and not _hooked(r) and not _hooked(self.experts))
+
+    def _fused(self, hidden_states, kwargs):
+        """The formula above in two kernel calls (attention_decode: norm + q/k/v; attention + residual +
+        norm + router) and the experts' one, with the same floats as the children's own paths (the
+        kernels run the same steps in the same order; test_decode_kernels compares them bit for bit).
+        None, before anything ran, when a child's path would not take this call."""
+        attn, n1, n2, router = (self.attn._decode_path, self.n1._decode_path, self.n2._decode_path,
+                                self.router._decode_path)
+        got = attn.inputs(hidden_states, (), kwargs)
+        w1, w2, route = n1.weight(), n2.weight(), router.current()
+        if got is None or w1 is None or w2 is None or route is None or not hidden_states.is_contiguous():
+            return None
+        p, cache, cos, sin = got
+        x = hidden_states.numpy().reshape(-1)
+        with kernels_grouped.launch_lock:
+            q, k, v = attention_decode._project(p, x, cos, sin, (w1, n1.eps))
+        keys, values = cache.update(torch.from_numpy(k).view(1, p.kv_heads, 1, p.head_dim),
+                                    torch.from_numpy(v).view(1, p.kv_heads, 1, p.head_dim), attn.layer_idx)
+        with kernels_grouped.launch_lock:
+            x2, h, _, scores, idx = attention_decode.attend_route(p, q, keys, values, x, (w2, n2.eps), route, router.renorm)
+        e = self.experts._offload
+        y = e.decode_resident(h, idx, scores)
+        if y is None:  # not every expert resident (or a runtime with more to do): the experts' own call
+            y = e(torch.from_numpy(h).view(1, -1), torch.from_numpy(idx).view(1, -1),
+                  torch.from_numpy(scores).view(1, -1)).reshape(-1).numpy()
+        x2 += y
+        return torch.from_numpy(x2).view(hidden_states.shape)
 
     def _block(self, h: torch.Tensor) -> torch.Tensor:
         r, e = self.router, self.experts

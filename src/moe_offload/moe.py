@@ -85,13 +85,7 @@ class LayerExperts:
         decode = hidden_states.shape[0] == 1
         if decode:
             # One token: no gather/scatter. index_add_ costs ~30x a plain add at this size (measured).
-            index, weights = top_k_index[0].tolist(), top_k_weights[0].tolist()
-            weight_of = dict(zip(index, weights))
-            if len(weight_of) < len(index):  # an expert chosen twice (not by a top-k): its weights add up
-                weight_of = {}
-                for e, w in zip(index, weights):
-                    weight_of[e] = weight_of.get(e, 0.0) + w
-            used = sorted(e for e in weight_of if e < self.num_experts)
+            weight_of, used = self._weight_of(top_k_index[0].tolist(), top_k_weights[0].tolist())
         else:
             used = [e for e in torch.unique(top_k_index).tolist() if e < self.num_experts]
         if rt.prefetcher is not None:
@@ -111,6 +105,26 @@ class LayerExperts:
                 return self._one_call(hidden_states, used, weight_of)
             return self._rows_call(hidden_states, top_k_index, top_k_weights, used)
         return self._forward(hidden_states, top_k_index, top_k_weights, decode, weight_of if decode else None, used)
+
+    def _weight_of(self, index: list[int], weights: list[float]) -> tuple[dict, list[int]]:
+        """One token's expert -> weight, and its experts in order."""
+        weight_of = dict(zip(index, weights))
+        if len(weight_of) < len(index):  # an expert chosen twice (not by a top-k): its weights add up
+            weight_of = {}
+            for e, w in zip(index, weights):
+                weight_of[e] = weight_of.get(e, 0.0) + w
+        return weight_of, sorted(e for e in weight_of if e < self.num_experts)
+
+    def decode_resident(self, h, index, weights):
+        """__call__ for one token as numpy arrays (h [H] fp32, index and weights [k]), for the fused
+        decoder layer (layer_decode.py): y [H] fp32 when the layer is one kernel call, the runtime has
+        neither prefetcher nor hybrid tier (nothing else to do at this step) and every chosen expert is
+        resident; else None with nothing changed (the caller then makes the module call)."""
+        rt = self.runtime
+        if not self.layer_call or rt.prefetcher is not None or rt.hybrid is not None or kernels.reference_mode():
+            return None
+        weight_of, used = self._weight_of(index.tolist(), weights.tolist())
+        return self._pinned_call(h, used, weight_of) if used else None
 
     def _forward(self, hidden_states, top_k_index, top_k_weights, decode: bool, weight_of, used, on_cpu=None):
         # Outputs are summed in expert order, not in the order the cache delivers them: the float sum
@@ -152,19 +166,10 @@ class LayerExperts:
 
     def _one_call(self, hidden_states: torch.Tensor, used: list[int], weight_of: dict) -> torch.Tensor:
         """Every expert of the token pinned at once, then computed and summed by one kernel call."""
-        cache = self.runtime.cache
-        slots = cache.pin_resident(self.layer, used)  # `used` is sorted: summed in expert order
-        if slots is not None:
-            try:
-                addrs = [self.slot_addrs.get(s.index) or self._addrs(s) for s in slots]
-                x = hidden_states[0]
-                xn = x.numpy() if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous().numpy()
-                if self.tag is None:
-                    self.tag = kernels_layer._tag(kernels_layer.variant())
-                y = kernels_layer.moe_layer_decode_at(xn, self.shape, [a for a, _ in addrs], [b for _, b in addrs],
-                                                      [weight_of[e] for e in used], self.tag)
-            finally:
-                cache.unpin(slots)
+        x = hidden_states[0]
+        y = self._pinned_call(x.numpy() if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous().numpy(),
+                              used, weight_of)
+        if y is not None:
             y = torch.from_numpy(y).view(1, -1)
             return y if hidden_states.dtype == torch.float32 else y.to(hidden_states.dtype)
         stream = cache.stream(self.layer, used, hold=True)
@@ -175,6 +180,21 @@ class LayerExperts:
         finally:
             stream.close()
         return y.to(hidden_states.dtype).unsqueeze(0)
+
+    def _pinned_call(self, x, used: list[int], weight_of: dict):
+        """The kernel's y [H] for x [H] fp32 if every expert of `used` is resident, else None."""
+        cache = self.runtime.cache
+        slots = cache.pin_resident(self.layer, used)  # `used` is sorted: summed in expert order
+        if slots is None:
+            return None
+        try:
+            addrs = [self.slot_addrs.get(s.index) or self._addrs(s) for s in slots]
+            if self.tag is None:
+                self.tag = kernels_layer._tag(kernels_layer.variant())
+            return kernels_layer.moe_layer_decode_at(x, self.shape, [a for a, _ in addrs], [b for _, b in addrs],
+                                                     [weight_of[e] for e in used], self.tag)
+        finally:
+            cache.unpin(slots)
 
     def _addrs(self, slot) -> tuple[int, int]:
         a = self.slot_addrs[slot.index] = tuple(slot.views[n].tensors["tiles"].data_ptr() for n in ("gate_up", "down"))

@@ -36,14 +36,19 @@ class _NormPath:
         self.wt: torch.Tensor | None = None  # the parameter it was read from
         take_forward(module, self, on_change=lambda: setattr(self, "w", None))
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def weight(self) -> np.ndarray | None:
+        """The weight as the kernel reads it, None if the stock forward must run."""
         w = self.w
         if w is None or self.module._parameters.get("weight") is not self.wt:  # also a weight replaced by assignment
             wt = self.wt = self.module.weight
             if self.verified is False or wt.dtype != torch.float32 or not wt.is_cpu or wt.requires_grad:
-                return self.original(x)  # (a weight that wants gradients: training, not decode)
+                return None  # (a weight that wants gradients: training, not decode)
             w = self.w = wt.detach().numpy()
-        if (x.dtype != torch.float32 or not x.is_cpu or x.shape[-1] != w.shape[0] or not x.is_contiguous()
+        return w
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight()
+        if (w is None or x.dtype != torch.float32 or not x.is_cpu or x.shape[-1] != w.shape[0] or not x.is_contiguous()
                 or x.requires_grad):
             return self.original(x)
         xn = x.numpy()

@@ -40,19 +40,24 @@ class _RouterPath:
         self.wt: torch.Tensor | None = None  # the weight parameter they were read from
         take_forward(module, self, on_change=lambda: setattr(self, "arrays", None))
 
-    def __call__(self, x: torch.Tensor):
+    def current(self) -> tuple | None:
+        """(weight, bias or empty, top_k) as the kernel reads them; None if the stock forward must run."""
         a = self.arrays
         if a is None or self.module._parameters.get("weight") is not self.wt:  # also a weight replaced by assignment
             if self.verified is False:
-                return self.original(x)
+                return None
             w, b = self.module.weight, getattr(self.module, "bias", None)
             self.wt = w
             if (w.dtype != torch.float32 or not w.is_cpu or w.requires_grad
                     or (b is not None and (b.dtype != torch.float32 or b.requires_grad))):
-                return self.original(x)
+                return None
             a = self.arrays = (w.detach().numpy(), b.detach().numpy() if b is not None else np.zeros(0, np.float32),
                                self.module.top_k)
-        if x.numel() != a[0].shape[1] or x.dtype != torch.float32 or not x.is_cpu or x.requires_grad:
+        return a
+
+    def __call__(self, x: torch.Tensor):
+        a = self.current()
+        if a is None or x.numel() != a[0].shape[1] or x.dtype != torch.float32 or not x.is_cpu or x.requires_grad:
             return self.original(x)
         if self.verified is None:
             return self._check(x, a)
