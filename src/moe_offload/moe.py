@@ -172,7 +172,7 @@ class LayerExperts:
         if y is not None:
             y = torch.from_numpy(y).view(1, -1)
             return y if hidden_states.dtype == torch.float32 else y.to(hidden_states.dtype)
-        stream = cache.stream(self.layer, used, hold=True)
+        stream = self.runtime.cache.stream(self.layer, used, hold=True)
         try:
             got = sorted((next(stream) for _ in used), key=lambda pair: pair[0])  # summed in expert order
             y = kernels_layer.moe_layer_decode(hidden_states[0], [(w["gate_up"], w["down"]) for _, w in got],
