@@ -184,12 +184,15 @@ def attention_reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
 
 
 def warm_up() -> None:
-    """Load (the first time: compile) every decode kernel (attention, RMSNorm, router) on tiny inputs
-    with the argument types of real calls."""
+    """Load (the first time: compile) every decode kernel (attention, RMSNorm, router, the fused
+    layer step's two) on tiny inputs with the argument types of real calls."""
     p = _tiny_plan()
-    q, _, _ = _project(p, np.ones(32, np.float32), np.ones(32, np.float32), np.zeros(32, np.float32))
+    x, norm = np.ones(32, np.float32), (np.ones(32, np.float32), 1e-6)
+    q, _, _ = _project(p, x, np.ones(32, np.float32), np.zeros(32, np.float32))
+    _project(p, x, np.ones(32, np.float32), np.zeros(32, np.float32), norm)
     kv = torch.ones(1, 1, 1, 32)
     _attend(p, q, kv, kv)
+    attend_route(p, q, kv, kv, x, norm, (np.ones((4, 32), np.float32), _empty(), 2), True)
     jit().rms_norm_rows(np.ones((1, 32), np.float32), np.ones(32, np.float32), 1e-6, np.empty((1, 32), np.float32))
     out = np.empty(4, np.float32), np.empty(2, np.float32), np.empty(2, np.int64)
     jit().topk_router(np.ones(32, np.float32), np.ones((4, 32), np.float32), _empty(), 2, True, *out)
