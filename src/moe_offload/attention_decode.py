@@ -136,9 +136,7 @@ def _project(plan: _Plan, x: np.ndarray, cos: np.ndarray, sin: np.ndarray, norm:
 def _attend(plan: _Plan, q: np.ndarray, keys: torch.Tensor, values: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """softmax(q K^T * scale) V over the cache, then the output product: ([H] fp32, the attention before it)."""
     o = plan.qms[3]
-    if keys.shape != values.shape or keys.shape[1] != plan.kv_heads or keys.shape[-1] != plan.head_dim:
-        raise ValueError(f"cache of shape {tuple(keys.shape)}/{tuple(values.shape)} for {plan.kv_heads} KV heads of "
-                         f"{plan.head_dim}")  # the kernels check no bounds
+    _check_cache(plan, keys, values)
     if q.shape[0] != o.k:
         raise ValueError(f"{q.shape[0]} query values for an output projection of {o.k}")
     y, attention = np.empty(plan.tiles[3].shape[0] * kernels_layer.ROWS, np.float32), np.empty(o.k, np.float32)
@@ -153,9 +151,7 @@ def attend_route(plan: _Plan, q: np.ndarray, keys: torch.Tensor, values: torch.T
     it, the residual x + y, its RMSNorm with norm = (weight, eps), and a top-k router = (weight,
     bias or empty, k) on that. Returns (x + y, its norm, router logits [E], top-k weights [k], indices [k])."""
     o, (rw, rb, k) = plan.qms[3], router
-    if keys.shape != values.shape or keys.shape[1] != plan.kv_heads or keys.shape[-1] != plan.head_dim:
-        raise ValueError(f"cache of shape {tuple(keys.shape)}/{tuple(values.shape)} for {plan.kv_heads} KV heads of "
-                         f"{plan.head_dim}")  # the kernels check no bounds
+    _check_cache(plan, keys, values)
     if (q.shape[0] != o.k or x.shape[0] != o.n or norm[0].shape != x.shape or rw.shape[1] != o.n
             or rb.shape[0] not in (0, rw.shape[0]) or not 0 < k <= rw.shape[0]):
         raise ValueError(f"{q.shape[0]} query values for an output projection of {o.k} -> {o.n}, hidden state "
@@ -167,6 +163,12 @@ def attend_route(plan: _Plan, q: np.ndarray, keys: torch.Tensor, values: torch.T
                        o.group, plan.biases[3], np.empty(o.k, np.float32), y, x, x2, norm[0], norm[1], h, rw, rb, k,
                        renorm, logits, scores, idx)
     return x2, h, logits, scores, idx
+
+
+def _check_cache(plan: _Plan, keys: torch.Tensor, values: torch.Tensor) -> None:
+    if keys.shape != values.shape or keys.shape[1] != plan.kv_heads or keys.shape[-1] != plan.head_dim:
+        raise ValueError(f"cache of shape {tuple(keys.shape)}/{tuple(values.shape)} for {plan.kv_heads} KV heads of "
+                         f"{plan.head_dim}")  # the kernels check no bounds
 
 
 def _array(t: torch.Tensor) -> np.ndarray:
