@@ -1,4 +1,4 @@
-"""The "rowtile" weight format and a one-call MoE layer for decode: integer dot products (VNNI).
+"""The "rowtile" weight format and a one-call MoE layer for decode: integer dot products (VNNI, or AVX2's pmaddubsw).
 
 Format "rowtile" (2, 3, 4 or 8 bits, groups of 32, 64 or 128 along k): W = q * scale + min per
 (row, group), scale and min fp16. The matrix is one uint8 tensor of tiles [ceil(N/16), K/group, T];
