@@ -71,6 +71,22 @@ def test_linear_matches_reference(variant, bits, n, k, group):
     assert ((y - exact).abs() <= bound.T * 1.001 + 1e-6).all()
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_largest_codes_and_activations_stay_exact(variant, bits, sign):
+    """Every code at its largest and every activation at +-127: the largest integer sums a step
+    makes (the AVX2 step adds a whole step's pair sums in 16 bits before widening)."""
+    n, k, group = 32, 256, 64
+    _, s, mn = _codes(n, k, bits, group)
+    m = kl.pack_rowtile(torch.full((n, k), 2**bits - 1, dtype=torch.uint8), s, mn, bits, group)
+    x = torch.full((2, k), sign)
+    x[1, ::2] = -sign  # and a mixed pattern
+    y = kl.linear(x, m, variant)
+    ref = kl.linear_reference(x, m, quantize=True)
+    assert (y - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
 def _experts(H, inter, k, bits, group, optimize=False):
     return [(kl.quantize_rowtile(torch.randn(2 * inter, H) * 0.02, bits, group, optimize=optimize),
              kl.quantize_rowtile(torch.randn(H, inter) * 0.02, bits, group, optimize=optimize)) for _ in range(k)]
