@@ -89,7 +89,7 @@ def _dot(builder, variant, acc, a, b):
                                             builder.shuffle_vector(b32, b32, m)]))
         return builder.shuffle_vector(halves[0], halves[1], _mask(range(16)))
     # portable: u8 * s8 is exact in i16 (255 * 127 < 2^15); pairwise sums in i32 (the pmaddwd pattern)
-    v64i16, v32i16, v32i32 = ir.VectorType(_i16, 64), ir.VectorType(_i16, 32), ir.VectorType(_i32, 32)
+    v64i16, v32i32 = ir.VectorType(_i16, 64), ir.VectorType(_i32, 32)
     a16, b16 = builder.zext(a, v64i16), builder.sext(b, v64i16)
     even, odd = _mask(range(0, 64, 2)), _mask(range(1, 64, 2))
     p = builder.add(builder.mul(builder.sext(builder.shuffle_vector(a16, a16, even), v32i32),
@@ -100,8 +100,7 @@ def _dot(builder, variant, acc, a, b):
     return builder.add(acc, builder.add(builder.shuffle_vector(p, p, e16), builder.shuffle_vector(p, p, o16)))
 
 
-_v16i16, _v32i16, _v32i8, _v8i32 = (ir.VectorType(_i16, 16), ir.VectorType(_i16, 32), ir.VectorType(_i8, 32),
-                                     ir.VectorType(_i32, 8))
+_v16i16, _v32i8, _v8i32 = ir.VectorType(_i16, 16), ir.VectorType(_i8, 32), ir.VectorType(_i32, 8)
 
 
 def _pair_sums(builder, a, b):
