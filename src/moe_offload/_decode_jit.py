@@ -78,7 +78,7 @@ def qkv(tag, x, bits, group, tq, tk, tv, yq, yk, yv, heads, kv_heads, hd, bq, bk
         else:
             t, y, i = tv, yv, r - nq - nk
         rowblock(tag, t.ctypes.data + i * t.shape[1] * t.shape[2], t.shape[2], bits, 0, t.shape[1], group,
-                 xq.ctypes.data, xs.ctypes.data, xsum.ctypes.data, y.ctypes.data + i * 64)
+                 xq.ctypes.data, xs.ctypes.data, xsum.ctypes.data, y.ctypes.data + i * 64, 1)
     none = cos[:0]
     _finish(yq, bq, qn, eps, heads, hd, cos, sin)
     _finish(yk, bk, kn, eps, kv_heads, hd, cos, sin)
@@ -129,7 +129,7 @@ def attend_o(tag, q, keys, values, scale, to, bits, group, bo, out, y):
     nb = to.shape[0]
     for r in prange(nb):
         rowblock(tag, to.ctypes.data + r * to.shape[1] * to.shape[2], to.shape[2], bits, 0, to.shape[1], group,
-                 xq.ctypes.data, xs.ctypes.data, xsum.ctypes.data, y.ctypes.data + r * 64)
+                 xq.ctypes.data, xs.ctypes.data, xsum.ctypes.data, y.ctypes.data + r * 64, 1)
     for j in range(bo.shape[0]):
         y[j] += bo[j]
 

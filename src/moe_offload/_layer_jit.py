@@ -42,14 +42,18 @@ STEP_BYTES = {2: 128, 3: 192, 4: 256, 8: 512}  # bytes of codes per 32 k of 16 r
 # so each thread reads longer runs (measured, interleaved calls from RAM: 1 -> 4 was 6% faster on
 # the quarter and the Qwen3-style shapes; 8 no better).
 CLAIM = 4
-# The avx2 step prefetches the tile PREFETCH_BYTES ahead of the one it computes (the rest of its row
-# block, then the next one), as non-temporal: expert weights are read once a token, and kept in the
-# caches they evict what the Python between kernel calls runs on (measured: a few numpy/torch calls
-# right after a 12 MB layer call took 90 us instead of 11). Measured on an AMD Zen 1 (AVX2 only),
-# layer calls from RAM: quarter 1030 -> 890 us with a kept prefetch, 2 to 12 KiB ahead alike; the
-# non-temporal one then made quarter decode 0.81-0.92x the time a token. The VNNI variants were not
-# measured with it and do not prefetch.
+# The steps prefetch the tile PREFETCH_BYTES ahead of the one they compute (the rest of its row
+# block, then the next one), at the locality PREFETCH_LOCALITY gives their variant (0: non-temporal,
+# 2: into L2; LLVM's llvm.prefetch levels). Measured, layer calls from RAM and decode time a token:
+# - AMD Zen 1 (AVX2 only): quarter layer 1030 -> 890 us with a kept prefetch, 2 to 12 KiB ahead
+#   alike; non-temporal then made quarter decode 0.81-0.92x the time a token, because weights kept in
+#   the caches evict what the Python between kernel calls runs on (a few numpy/torch calls right
+#   after a 12 MB layer call took 90 us instead of 11).
+# - Intel Xeon with AVX-512 VNNI and AMX: non-temporal was slower than none (quarter decode 57-63
+#   against 45-55 ms a token), into L2 4 KiB ahead the fastest of 2/4/8 KiB and levels 2/3 (decode
+#   30-40 ms a token; vnni512 layer call 850-940 -> 600-760 us, vnni256 880-940 -> 660-810 us).
 PREFETCH_BYTES = 4096
+PREFETCH_LOCALITY = {"vnni512": 2, "vnni256": 2, "avx2": 0}  # the portable step does not prefetch
 
 _i8, _i16, _i32, _i64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
 _f32, _f16 = ir.FloatType(), ir.HalfType()
@@ -174,25 +178,27 @@ def _step(builder, variant, bits, cp, xp, accs):
         accs[0] = _widen_pairs(builder, accs[0], builder.add(pairs[0], pairs[1]))
 
 
-def _prefetch(builder, start, nbytes):
-    """Ask for the cache lines of [start, start + nbytes): a read, non-temporal (locality 0)."""
+def _prefetch(builder, start, nbytes, locality):
+    """Ask for the cache lines of [start, start + nbytes): a read, at that locality (0-3)."""
     fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [_i8.as_pointer(), _i32, _i32, _i32]),
                                         "llvm.prefetch.p0i8")
     with cgutils.for_range(builder, builder.udiv(builder.add(nbytes, ir.Constant(_i64, 63)), ir.Constant(_i64, 64))) as line:
         builder.call(fn, [builder.gep(start, [builder.mul(line.index, ir.Constant(_i64, 64))]), ir.Constant(_i32, 0),
-                          ir.Constant(_i32, 0), ir.Constant(_i32, 1)])
+                          ir.Constant(_i32, locality), ir.Constant(_i32, 1)])
 
 
 @intrinsic
-def rowblock(typingctx, tag, base, tile_bytes, bits, g0, g1, group, xq, xs, xsum, out):
+def rowblock(typingctx, tag, base, tile_bytes, bits, g0, g1, group, xq, xs, xsum, out, pf):
     """out[0:16] (fp32, at address out) = rows of one row block (tiles at address base) times the
-    activations of groups g0..g1-1 (xq int8, xs/xsum fp32 per group, at those addresses)."""
-    sig = types.void(tag, base, tile_bytes, bits, g0, g1, group, xq, xs, xsum, out)
+    activations of groups g0..g1-1 (xq int8, xs/xsum fp32 per group, at those addresses). pf != 0:
+    prefetch ahead (see PREFETCH_BYTES); 0 where the caller runs the same tiles again (the second
+    and later token rows of a batch), whose prefetches would only cost instructions."""
+    sig = types.void(tag, base, tile_bytes, bits, g0, g1, group, xq, xs, xsum, out, pf)
     variant = _variant(tag)
 
     def codegen(context, builder, signature, args):
         a = [context.cast(builder, v, t, types.int64) for v, t in zip(args[1:], signature.args[1:])]
-        base_a, tile_b, bits_v, g0_v, g1_v, group_v, xq_a, xs_a, xsum_a, out_a = a
+        base_a, tile_b, bits_v, g0_v, g1_v, group_v, xq_a, xs_a, xsum_a, out_a, pf_v = a
         p8 = _i8.as_pointer()
         base_p, xq_p = builder.inttoptr(base_a, p8), builder.inttoptr(xq_a, p8)
         xs_p, xsum_p = builder.inttoptr(xs_a, _f32.as_pointer()), builder.inttoptr(xsum_a, _f32.as_pointer())
@@ -215,8 +221,10 @@ def rowblock(typingctx, tag, base, tile_bytes, bits, g0, g1, group, xq, xs, xsum
                 xg = builder.gep(xq_p, [builder.mul(g, group_v)])
                 for p in iaccs:
                     builder.store(zero, p)
-                if variant == "avx2":
-                    _prefetch(builder, builder.gep(tile, [ir.Constant(_i64, PREFETCH_BYTES)]), tile_b)
+                if variant in PREFETCH_LOCALITY:
+                    with builder.if_then(builder.icmp_unsigned("!=", pf_v, ir.Constant(_i64, 0))):
+                        _prefetch(builder, builder.gep(tile, [ir.Constant(_i64, PREFETCH_BYTES)]), tile_b,
+                                  PREFETCH_LOCALITY[variant])
                 with cgutils.for_range(builder, steps) as sl:
                     accs = [builder.load(p) for p in iaccs]
                     _step(builder, variant, bits, builder.gep(tile, [builder.mul(sl.index, ir.Constant(_i64, sb))]),
@@ -323,7 +331,7 @@ def linear(tag, tiles, bits, group, xq, xs, xsum, y):
     for r in prange(nb):
         for b in range(B):
             rowblock(tag, base + r * ng * tb, tb, bits, 0, ng, group, xq[b].ctypes.data, xs[b].ctypes.data,
-                     xsum[b].ctypes.data, y[b].ctypes.data + r * 64)
+                     xsum[b].ctypes.data, y[b].ctypes.data + r * 64, b == 0)
 
 
 # ---------------------------------------------------------------- one MoE layer, one token
@@ -376,7 +384,7 @@ def _thread(tag, x, wts, addrs, meta, inter, xq, hq, xs, xsum, hs, hsum, hb, y, 
                 for r in range(g2 // 16):
                     rb = (half * inter + c * g2) // 16 + r
                     rowblock(tag, addrs[0, e] + rb * ng1 * t1, t1, b1, 0, ng1, g1, xq.ctypes.data, xs.ctypes.data,
-                             xsum.ctypes.data, hb.ctypes.data + (half * g2 + r * 16) * 4)
+                             xsum.ctypes.data, hb.ctypes.data + (half * g2 + r * 16) * 4, 1)
             for j in range(g2):
                 hb[j] = _silu(hb[j]) * hb[g2 + j]
             _quant_group(hb[:g2], hq[e, c * g2:(c + 1) * g2], hs[e, c:c + 1], hsum[e, c:c + 1], 0, g2)
@@ -393,7 +401,7 @@ def _thread(tag, x, wts, addrs, meta, inter, xq, hq, xs, xsum, hs, hsum, hb, y, 
             out[:] = 0
             for e in range(E):
                 rowblock(tag, addrs[1, e] + u * ng2 * t2, t2, b2, 0, ng2, g2, hq[e].ctypes.data, hs[e].ctypes.data,
-                         hsum[e].ctypes.data, acc.ctypes.data)
+                         hsum[e].ctypes.data, acc.ctypes.data, 1)
                 w = wts[e]
                 for j in range(16):
                     out[j] += w * acc[j]
@@ -440,7 +448,7 @@ def _expert_rows(tag, base, tb, bits, ng, group, lo, hi, src, q, qs, qsum, dst, 
     for a in range(lo, hi):
         i = src[a]
         rowblock(tag, base, tb, bits, 0, ng, group, q[i].ctypes.data, qs[i].ctypes.data, qsum[i].ctypes.data,
-                 dst[a].ctypes.data + rb * 64)
+                 dst[a].ctypes.data + rb * 64, a == lo)
 
 
 @njit(parallel=True, **_OPTS)
