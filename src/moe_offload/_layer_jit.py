@@ -50,8 +50,9 @@ CLAIM = 4
 #   the caches evict what the Python between kernel calls runs on (a few numpy/torch calls right
 #   after a 12 MB layer call took 90 us instead of 11).
 # - Intel Xeon with AVX-512 VNNI and AMX: non-temporal was slower than none (quarter decode 57-63
-#   against 45-55 ms a token), into L2 4 KiB ahead the fastest of 2/4/8 KiB and levels 2/3 (decode
-#   30-40 ms a token; vnni512 layer call 850-940 -> 600-760 us, vnni256 880-940 -> 660-810 us).
+#   against 45-55 ms a token); into L2 4 KiB ahead 30-40 ms, no slower than L1 (locality 3) 4 KiB
+#   ahead and faster than either 8 KiB ahead or L1 2 KiB ahead; vnni512 layer call 850-940 -> 600-760
+#   us, vnni256 880-940 -> 660-810 us.
 PREFETCH_BYTES = 4096
 PREFETCH_LOCALITY = {"vnni512": 2, "vnni256": 2, "avx2": 0}  # the portable step does not prefetch
 
