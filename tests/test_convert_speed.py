@@ -10,7 +10,7 @@ import torch
 import moe_offload
 from moe_offload import quant
 
-convert_module = importlib.import_module("moe_offload.convert")  # the module, not the function
+convert_module = importlib.import_module("moe_offload.conversion")
 
 
 @pytest.mark.parametrize("expert_bits,dense_bits", [(4, 4), (2, 8)])

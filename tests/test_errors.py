@@ -132,7 +132,7 @@ def test_damaged_manifest(store_copy):
 def test_interrupted_convert_leaves_no_store(tiny_src, tmp_path, monkeypatch):
     import importlib
 
-    convert_module = importlib.import_module("moe_offload.convert")  # the module, not the function
+    convert_module = importlib.import_module("moe_offload.conversion")
 
     calls = {"n": 0}
     real = convert_module._quantize_expert

@@ -8,10 +8,15 @@
 __version__ = "0.1.0"
 
 from .config import OffloadConfig, QuantConfig  # noqa: E402
-from .convert import convert  # noqa: E402
 from .errors import MoeOffloadError, StoreCorruptError  # noqa: E402
-from .model import load  # noqa: E402
 from .stats import OffloadStats  # noqa: E402
+
+# convert and load bring torch and transformers (~3 s): imported on first use (PEP 562), so that
+# `moe-offload --help`, argument errors and the commands that need neither start at once.
+from ._lazy import lazy_exports  # noqa: E402
+
+__getattr__ = lazy_exports(__name__, {"convert": ".conversion", "load": ".model"})
+
 
 __all__ = ["convert", "load", "QuantConfig", "OffloadConfig", "OffloadStats", "MoeOffloadError",
            "StoreCorruptError", "__version__"]

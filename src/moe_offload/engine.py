@@ -15,8 +15,6 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import torch
-
 log = logging.getLogger("moe_offload.engine")
 
 # ---------------------------------------------------------------------------------------------
@@ -76,6 +74,8 @@ class TextTracker:
         else:
             self._release(text[:len(text) - self._held_back(text)])
         stop_now = self.stop_hit or (self.cancel is not None and self.cancel.is_set())
+        import torch
+
         return torch.full((input_ids.shape[0],), stop_now, dtype=torch.bool, device=input_ids.device)
 
     def finish(self) -> str:
@@ -131,6 +131,7 @@ def generate_text(model, tokenizer, prompt_ids: list[int], params: SamplingParam
 
     The caller must own the model (one generation at a time): the seed is global torch state.
     """
+    import torch  # here, not at the top: the CLI's parser imports this module
     from transformers import StoppingCriteriaList
 
     if params.seed is not None:

@@ -9,7 +9,6 @@ from pathlib import Path
 
 from .mode import MODES, PROMPTS
 from .report import format_report, plot
-from .run import run_bench
 
 
 def add_parser(sub) -> None:
@@ -68,6 +67,7 @@ def cmd_bench(args) -> None:
     from ..options import load_kwargs
     from ..errors import MoeOffloadError
     from .llamacpp import LLAMACPP, find_llama_bench
+    from .run import run_bench
 
     modes = parse_modes(args.modes)
     llamacpp = None

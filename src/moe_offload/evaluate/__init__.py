@@ -5,6 +5,5 @@
   cli.py         `moe-offload eval`
 """
 from .cli import add_parser
-from .perplexity import perplexity, store_perplexity
 
-__all__ = ["add_parser", "perplexity", "store_perplexity"]
+__all__ = ["add_parser"]  # perplexity.py needs torch: imported by the command, not the parser

@@ -19,19 +19,13 @@ from ..engine import Engine, SamplingParams, chat_prompt_ids
 from .cli import add_parser, add_serve_parser, bind_socket, run_server
 from .metrics import prometheus_text
 from .settings import ServerSettings
+from .._lazy import lazy_exports
 
 # The CLI imports this module for every command: the web stack (fastapi, starlette, pydantic: ~7 MiB
 # of memory, ~80 ms) is imported on first use of a name that needs it.
-_LAZY = {"create_app": ".app", "ApiError": ".schemas", "ChatCompletionRequest": ".schemas",
-         "ChatMessage": ".schemas", "CompletionRequest": ".schemas", "OpenAIRequest": ".schemas"}
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name], __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, {"create_app": ".app", "ApiError": ".schemas", "ChatCompletionRequest": ".schemas",
+                                      "ChatMessage": ".schemas", "CompletionRequest": ".schemas",
+                                      "OpenAIRequest": ".schemas"})
 
 
 __all__ = ["Engine", "SamplingParams", "chat_prompt_ids", "create_app", "add_parser", "add_serve_parser",
