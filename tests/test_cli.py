@@ -13,6 +13,19 @@ def test_every_command_has_help(command):
     assert "usage: moe-offload " + command in result.stdout
 
 
+def test_the_parser_starts_without_torch():
+    """--help and argument errors answer in a fraction of a second: torch and transformers (~3 s
+    to import) come with the first name that needs them."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from moe_offload.cli import build_parser; build_parser(); import moe_offload; "
+            "print([m for m in ('torch', 'transformers', 'numba') if m in sys.modules]); "
+            "print(moe_offload.convert.__module__, moe_offload.load.__module__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split("\n")[:2] == ["[]", "moe_offload.conversion moe_offload.model"]
+
+
 def test_generate_json(tiny_store4):
     result = run_cli("generate", tiny_store4, "--prompt", "def main():", "--max-new-tokens", "12", "--json",
                      "--experts-per-layer", "2")
