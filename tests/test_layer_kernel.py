@@ -73,6 +73,18 @@ def test_linear_matches_reference(variant, bits, n, k, group):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_rows_computed_together_equal_rows_alone(variant, bits):
+    """Prefill's pass over a row block serves up to ROWS_AT_ONCE token rows: every batch size, full
+    passes and a remainder, gives each row the floats it gets on its own."""
+    m = kl.pack_rowtile(*_codes(48, 192, bits, 64), bits, 64)
+    for B in range(1, 2 * kl._jit().ROWS_AT_ONCE + 2):  # 8 + 4 + 2 + 1 at 15, 8 + 8 + 1 at 17
+        x = torch.randn(B, 192) * torch.rand(B, 1) * 4
+        alone = torch.cat([kl.linear(x[b:b + 1], m, variant) for b in range(B)])
+        assert torch.equal(kl.linear(x, m, variant), alone), B
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("sign", [1.0, -1.0])
 def test_largest_codes_and_activations_stay_exact(variant, bits, sign):
     """Every code at its largest and every activation at +-127: the largest integer sums a step
@@ -206,6 +218,22 @@ def test_layer_rows_match_reference(variant, H, inter, T, E, k, bits, group):
         kl.moe_layer_rows(x, experts[lo:hi], rows[offs[lo]:offs[hi]], wts[offs[lo]:offs[hi]],
                           [o - offs[lo] for o in offs[lo:hi + 1]], out=out, variant_=variant)
     assert torch.equal(out, y)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_layer_rows_equal_each_row_alone(variant):
+    """Experts with 0..11 assignments (full passes of ROWS_AT_ONCE rows and remainders): each token
+    row gets the floats a one-row call gives it."""
+    H, inter, E, k, T = 256, 64, 6, 3, 23
+    experts = _experts(H, inter, E, 4, 32)
+    x = torch.randn(T, H)
+    rows, wts, offs, per_row = _assignments(T, E, k, seed=7)
+    y = kl.moe_layer_rows(x, experts, rows, wts, offs, variant_=variant)
+    for t in range(T):
+        mine = sorted(per_row[t])
+        one = kl.moe_layer_rows(x[t:t + 1], [experts[e] for e, _ in mine], torch.zeros(len(mine), dtype=torch.int64),
+                                torch.tensor([w for _, w in mine]), list(range(len(mine) + 1)), variant_=variant)
+        assert torch.equal(y[t], one[0]), t
 
 
 def test_layer_rows_catch_mistakes():

@@ -138,22 +138,25 @@ def _xword(builder, xp, off):
     return builder.bitcast(builder.shuffle_vector(v, v, _mask([0] * 16)), _v64i8)
 
 
-def _step(builder, variant, bits, cp, xp, accs):
-    """One step (32 k of 16 rows) at codes cp, activations xp: four independent accumulator chains."""
+def _step(builder, variant, bits, cp, xps, accs):
+    """One step (32 k of 16 rows) at codes cp for each token row j (activations xps[j], accumulator
+    chains accs[j], used in turn): each unpacked code vector serves every token row."""
     ld = lambda off: builder.load(_ptr(builder, cp, ir.Constant(_i64, off), _v64i8), align=1)
     n = 0
     if variant == "avx2" and bits == 8:  # 8-bit codes would saturate pmaddubsw's i16 pair sums
         variant = "portable"
 
-    pairs = [None, None]  # avx2: two i16 chains of pair sums, widened once at the end of the step
+    pairs = [[None, None] for _ in xps]  # avx2: two i16 chains of pair sums per row, widened once a step
 
     def dot(codes, xoff):
         nonlocal n
-        if variant == "avx2":
-            p = _pair_sums(builder, codes, _xword(builder, xp, xoff))
-            pairs[n % 2] = p if pairs[n % 2] is None else builder.add(pairs[n % 2], p)
-        else:
-            accs[n % 4] = _dot(builder, variant, accs[n % 4], codes, _xword(builder, xp, xoff))
+        for j, xp in enumerate(xps):
+            if variant == "avx2":
+                p = _pair_sums(builder, codes, _xword(builder, xp, xoff))
+                pairs[j][n % 2] = p if pairs[j][n % 2] is None else builder.add(pairs[j][n % 2], p)
+            else:
+                c = n % len(accs[j])
+                accs[j][c] = _dot(builder, variant, accs[j][c], codes, _xword(builder, xp, xoff))
         n += 1
 
     if bits == 8:
@@ -176,7 +179,8 @@ def _step(builder, variant, bits, cp, xp, accs):
                     c = builder.or_(c, builder.and_(h, _splat8(4)))
                 dot(c, 16 * v + 4 * f)
     if variant == "avx2":  # every pair sum of the step fits i16: at most 16 x 2 x 7 x 127 or 8 x 2 x 15 x 127
-        accs[0] = _widen_pairs(builder, accs[0], builder.add(pairs[0], pairs[1]))
+        for j, (p0, p1) in enumerate(pairs):
+            accs[j][0] = _widen_pairs(builder, accs[j][0], builder.add(p0, p1))
 
 
 def _prefetch(builder, start, nbytes, locality):
@@ -188,65 +192,129 @@ def _prefetch(builder, start, nbytes, locality):
                           ir.Constant(_i32, locality), ir.Constant(_i32, 1)])
 
 
+def _rowblock_ir(builder, variant, nrows, base_a, tile_b, bits_v, g0_v, g1_v, group_v, xq_a, xs_a, xsum_a, out_a,
+                 pf_v, x_stride, s_stride, out_stride):
+    """The body of rowblock (nrows 1) and rowblocks (nrows token rows, their activations and outputs
+    at the given byte strides): over groups g0..g1-1, the int32 sums of each step, then per group the
+    tile's fp16 scales and mins (loaded once for every row) times the row's activation scale and sum."""
+    p8 = _i8.as_pointer()
+    row = lambda a, j, stride: builder.inttoptr(builder.add(a, builder.mul(ir.Constant(_i64, j), stride)), p8)
+    base_p = builder.inttoptr(base_a, p8)
+    xq_ps = [row(xq_a, j, x_stride) for j in range(nrows)]
+    xs_ps = [builder.bitcast(row(xs_a, j, s_stride), _f32.as_pointer()) for j in range(nrows)]
+    xsum_ps = [builder.bitcast(row(xsum_a, j, s_stride), _f32.as_pointer()) for j in range(nrows)]
+    faccs = [cgutils.alloca_once_value(builder, ir.Constant(_v16f, [ir.Constant(_f32, 0.0)] * 16))
+             for _ in range(nrows)]
+    # four accumulator chains for one row (latency), two each for several (the rows are chains too)
+    nacc = 4 if nrows == 1 else (2 if nrows <= 4 else 1)
+    iaccs = [[cgutils.alloca_once(builder, _v16i32) for _ in range(nacc)] for _ in range(nrows)]
+    steps = builder.udiv(group_v, ir.Constant(_i64, 32))
+    zero = ir.Constant(_v16i32, [ir.Constant(_i32, 0)] * 16)
+    ngroups = builder.sub(g1_v, g0_v)
+    sw_end = builder.append_basic_block("rowtile.end")
+    sw = builder.switch(bits_v, sw_end)
+    for bits in (2, 3, 4, 8):
+        bb = builder.append_basic_block(f"rowtile.bits{bits}")
+        sw.add_case(ir.Constant(_i64, bits), bb)
+        builder.position_at_end(bb)
+        sb = STEP_BYTES[bits]
+        with cgutils.for_range(builder, ngroups) as loop:
+            g = builder.add(g0_v, loop.index)
+            tile = builder.gep(base_p, [builder.mul(g, tile_b)])
+            xgs = [builder.gep(xp, [builder.mul(g, group_v)]) for xp in xq_ps]
+            for chains in iaccs:
+                for p in chains:
+                    builder.store(zero, p)
+            if variant in PREFETCH_LOCALITY:
+                with builder.if_then(builder.icmp_unsigned("!=", pf_v, ir.Constant(_i64, 0))):
+                    _prefetch(builder, builder.gep(tile, [ir.Constant(_i64, PREFETCH_BYTES)]), tile_b,
+                              PREFETCH_LOCALITY[variant])
+            with cgutils.for_range(builder, steps) as sl:
+                accs = [[builder.load(p) for p in chains] for chains in iaccs]
+                koff = builder.mul(sl.index, ir.Constant(_i64, 32))
+                _step(builder, variant, bits, builder.gep(tile, [builder.mul(sl.index, ir.Constant(_i64, sb))]),
+                      [builder.gep(xg, [koff]) for xg in xgs], accs)
+                for chains, vals in zip(iaccs, accs):
+                    for p, v in zip(chains, vals):
+                        builder.store(v, p)
+            sm = builder.gep(tile, [builder.mul(steps, ir.Constant(_i64, sb))])
+            scale = builder.fpext(builder.load(_ptr(builder, sm, ir.Constant(_i64, 0), _v16h), align=1), _v16f)
+            mn = builder.fpext(builder.load(_ptr(builder, sm, ir.Constant(_i64, 32), _v16h), align=1), _v16f)
+            splat = lambda f: builder.shuffle_vector(
+                builder.insert_element(ir.Constant(_v16f, None), f, ir.Constant(_i32, 0)),
+                ir.Constant(_v16f, None), _mask([0] * 16))
+            for j in range(nrows):
+                vals = [builder.load(p) for p in iaccs[j]]
+                # summed pairwise, as the single-row code always did: the same int32 either way
+                while len(vals) > 1:
+                    vals = [builder.add(vals[i], vals[i + 1]) for i in range(0, len(vals), 2)]
+                isum = vals[0]
+                xsg = splat(builder.load(builder.gep(xs_ps[j], [g]), align=4))
+                xsumg = splat(builder.load(builder.gep(xsum_ps[j], [g]), align=4))
+                t = builder.fmul(builder.sitofp(isum, _v16f), builder.fmul(scale, xsg))
+                builder.store(builder.fadd(builder.load(faccs[j]), builder.fadd(t, builder.fmul(mn, xsumg))), faccs[j])
+        builder.branch(sw_end)
+    builder.position_at_end(sw_end)
+    for j in range(nrows):
+        builder.store(builder.load(faccs[j]), builder.bitcast(row(out_a, j, out_stride), _v16f.as_pointer()), align=1)
+
+
 @intrinsic
 def rowblock(typingctx, tag, base, tile_bytes, bits, g0, g1, group, xq, xs, xsum, out, pf):
     """out[0:16] (fp32, at address out) = rows of one row block (tiles at address base) times the
     activations of groups g0..g1-1 (xq int8, xs/xsum fp32 per group, at those addresses). pf != 0:
-    prefetch ahead (see PREFETCH_BYTES); 0 where the caller runs the same tiles again (the second
-    and later token rows of a batch), whose prefetches would only cost instructions."""
+    prefetch ahead (see PREFETCH_BYTES); 0 where the caller runs the same tiles again, whose
+    prefetches would only cost instructions."""
     sig = types.void(tag, base, tile_bytes, bits, g0, g1, group, xq, xs, xsum, out, pf)
     variant = _variant(tag)
 
     def codegen(context, builder, signature, args):
         a = [context.cast(builder, v, t, types.int64) for v, t in zip(args[1:], signature.args[1:])]
-        base_a, tile_b, bits_v, g0_v, g1_v, group_v, xq_a, xs_a, xsum_a, out_a, pf_v = a
-        p8 = _i8.as_pointer()
-        base_p, xq_p = builder.inttoptr(base_a, p8), builder.inttoptr(xq_a, p8)
-        xs_p, xsum_p = builder.inttoptr(xs_a, _f32.as_pointer()), builder.inttoptr(xsum_a, _f32.as_pointer())
-        facc = cgutils.alloca_once_value(builder, ir.Constant(_v16f, None))
-        builder.store(ir.Constant(_v16f, [ir.Constant(_f32, 0.0)] * 16), facc)
-        iaccs = [cgutils.alloca_once(builder, _v16i32) for _ in range(4)]
-        steps = builder.udiv(group_v, ir.Constant(_i64, 32))
-        zero = ir.Constant(_v16i32, [ir.Constant(_i32, 0)] * 16)
-        ngroups = builder.sub(g1_v, g0_v)
-        sw_end = builder.append_basic_block("rowtile.end")
-        sw = builder.switch(bits_v, sw_end)
-        for bits in (2, 3, 4, 8):
-            bb = builder.append_basic_block(f"rowtile.bits{bits}")
-            sw.add_case(ir.Constant(_i64, bits), bb)
+        zero = ir.Constant(_i64, 0)
+        _rowblock_ir(builder, variant, 1, *a, zero, zero, zero)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+# Token rows rowblocks computes in one pass over a row block's tiles: ROWS_AT_ONCE, or for the rest
+# of a batch the largest power of two below (a bounded number of compiled bodies).
+ROWS_AT_ONCE = 4
+
+
+@intrinsic
+def rowblocks(typingctx, tag, base, tile_bytes, bits, g0, g1, group, xq, xs, xsum, out, pf, x_stride, s_stride,
+              out_stride, n):
+    """rowblock for n (a power of two up to ROWS_AT_ONCE) token rows at once: row j's activations at xq + j x_stride,
+    its scales and sums at xs/xsum + j s_stride, its outputs at out + j out_stride (bytes). Each code
+    vector is loaded and unpacked once for all n rows, and each group's scales and mins converted
+    once: prefill's token rows share the weights (same floats as n calls of rowblock)."""
+    sig = types.void(tag, base, tile_bytes, bits, g0, g1, group, xq, xs, xsum, out, pf, x_stride, s_stride,
+                     out_stride, n)
+    variant = _variant(tag)
+
+    def codegen(context, builder, signature, args):
+        a = [context.cast(builder, v, t, types.int64) for v, t in zip(args[1:], signature.args[1:])]
+        *rb_args, n_v = a
+        if variant == "portable":  # the fallback keeps one body (compile time): row after row
+            base_a, tile_b, bits_v, g0_v, g1_v, group_v, xq_a, xs_a, xsum_a, out_a, pf_v, xst, sst, ost = rb_args
+            zero = ir.Constant(_i64, 0)
+            with cgutils.for_range(builder, n_v) as loop:
+                at = lambda ptr, stride: builder.add(ptr, builder.mul(loop.index, stride))
+                _rowblock_ir(builder, variant, 1, base_a, tile_b, bits_v, g0_v, g1_v, group_v, at(xq_a, xst),
+                             at(xs_a, sst), at(xsum_a, sst), at(out_a, ost), pf_v, zero, zero, zero)
+            return context.get_dummy_value()
+        end = builder.append_basic_block("rowblocks.end")
+        sw = builder.switch(n_v, end)
+        nrows = ROWS_AT_ONCE
+        while nrows >= 1:
+            bb = builder.append_basic_block(f"rowblocks.n{nrows}")
+            sw.add_case(ir.Constant(_i64, nrows), bb)
             builder.position_at_end(bb)
-            sb = STEP_BYTES[bits]
-            with cgutils.for_range(builder, ngroups) as loop:
-                g = builder.add(g0_v, loop.index)
-                tile = builder.gep(base_p, [builder.mul(g, tile_b)])
-                xg = builder.gep(xq_p, [builder.mul(g, group_v)])
-                for p in iaccs:
-                    builder.store(zero, p)
-                if variant in PREFETCH_LOCALITY:
-                    with builder.if_then(builder.icmp_unsigned("!=", pf_v, ir.Constant(_i64, 0))):
-                        _prefetch(builder, builder.gep(tile, [ir.Constant(_i64, PREFETCH_BYTES)]), tile_b,
-                                  PREFETCH_LOCALITY[variant])
-                with cgutils.for_range(builder, steps) as sl:
-                    accs = [builder.load(p) for p in iaccs]
-                    _step(builder, variant, bits, builder.gep(tile, [builder.mul(sl.index, ir.Constant(_i64, sb))]),
-                          builder.gep(xg, [builder.mul(sl.index, ir.Constant(_i64, 32))]), accs)
-                    for p, v in zip(iaccs, accs):
-                        builder.store(v, p)
-                accs = [builder.load(p) for p in iaccs]
-                isum = builder.add(builder.add(accs[0], accs[1]), builder.add(accs[2], accs[3]))
-                sm = builder.gep(tile, [builder.mul(steps, ir.Constant(_i64, sb))])
-                scale = builder.fpext(builder.load(_ptr(builder, sm, ir.Constant(_i64, 0), _v16h), align=1), _v16f)
-                mn = builder.fpext(builder.load(_ptr(builder, sm, ir.Constant(_i64, 32), _v16h), align=1), _v16f)
-                splat = lambda f: builder.shuffle_vector(
-                    builder.insert_element(ir.Constant(_v16f, None), f, ir.Constant(_i32, 0)),
-                    ir.Constant(_v16f, None), _mask([0] * 16))
-                xsg = splat(builder.load(builder.gep(xs_p, [g]), align=4))
-                xsumg = splat(builder.load(builder.gep(xsum_p, [g]), align=4))
-                t = builder.fmul(builder.sitofp(isum, _v16f), builder.fmul(scale, xsg))
-                builder.store(builder.fadd(builder.load(facc), builder.fadd(t, builder.fmul(mn, xsumg))), facc)
-            builder.branch(sw_end)
-        builder.position_at_end(sw_end)
-        builder.store(builder.load(facc), builder.inttoptr(out_a, _v16f.as_pointer()), align=1)
+            _rowblock_ir(builder, variant, nrows, *rb_args)
+            builder.branch(end)
+            nrows //= 2
+        builder.position_at_end(end)
         return context.get_dummy_value()
 
     return sig, codegen
@@ -313,26 +381,41 @@ def _quant_group(src, dst, xs, xsum, g, group):
     xsum[g] = sc * np.float32(s)
 
 
-@njit(**_OPTS)
+@njit(parallel=True, **_OPTS)
 def quant_rows(x, group, xq, xs, xsum):
-    """Per token row b: int8 codes xq[b], scales xs[b, g] and sums xsum[b, g] of each rounded group."""
-    for b in range(x.shape[0]):
+    """Per token row b: int8 codes xq[b], scales xs[b, g] and sums xsum[b, g] of each rounded group
+    (rows over threads: a 128-token prompt's dense inputs took 5% of its prefill on one)."""
+    for b in prange(x.shape[0]):
         for g in range(x.shape[1] // group):
             _quant_group(x[b], xq[b], xs[b], xsum[b], g, group)
+
+
+@njit(inline="always")
+def _pass_rows(left):
+    """Rows of the next rowblocks pass: ROWS_AT_ONCE, or the largest power of two <= what is left."""
+    n = ROWS_AT_ONCE
+    while n > left:
+        n //= 2
+    return n
 
 
 # ---------------------------------------------------------------- one matrix
 
 @njit(parallel=True, **_OPTS)
 def linear(tag, tiles, bits, group, xq, xs, xsum, y):
-    """y[b, :N16] = W @ x[b] for every token row (row blocks over threads); y is [B, N16] fp32."""
+    """y[b, :N16] = W @ x[b] for every token row (row blocks over threads); y is [B, N16] fp32; xs and
+    xsum [B, groups] alike."""
     nb, ng, tb = tiles.shape
     base = tiles.ctypes.data
     B = xq.shape[0]
     for r in prange(nb):
-        for b in range(B):
-            rowblock(tag, base + r * ng * tb, tb, bits, 0, ng, group, xq[b].ctypes.data, xs[b].ctypes.data,
-                     xsum[b].ctypes.data, y[b].ctypes.data + r * 64, b == 0)
+        b = 0
+        while b < B:
+            n = _pass_rows(B - b)
+            rowblocks(tag, base + r * ng * tb, tb, bits, 0, ng, group, xq[b].ctypes.data, xs[b].ctypes.data,
+                      xsum[b].ctypes.data, y[b].ctypes.data + r * 64, b == 0, xq.strides[0], xs.strides[0],
+                      y.strides[0], n)
+            b += n
 
 
 # ---------------------------------------------------------------- one MoE layer, one token
@@ -443,13 +526,16 @@ def layer_serial(tag, x, wts, addrs, meta, inter, bbuf, fbuf, counters):
 # ---------------------------------------------------------------- one MoE layer, many token rows
 
 @njit(inline="always", error_model="numpy", boundscheck=False)
-def _expert_rows(tag, base, tb, bits, ng, group, lo, hi, src, q, qs, qsum, dst, rb):
+def _expert_rows(tag, base, tb, bits, ng, group, lo, hi, q, qs, qsum, dst, rb):
     """Row block rb of one expert's matrix (tiles at address base) for its assignments lo..hi-1:
-    dst[a, 16rb:16rb+16] from the activations of row src[a] (codes q, scales qs, sums qsum)."""
-    for a in range(lo, hi):
-        i = src[a]
-        rowblock(tag, base, tb, bits, 0, ng, group, q[i].ctypes.data, qs[i].ctypes.data, qsum[i].ctypes.data,
-                 dst[a].ctypes.data + rb * 64, a == lo)
+    dst[a, 16rb:16rb+16] from the activations of assignment a (codes q[a], scales qs[a], sums
+    qsum[a]), up to ROWS_AT_ONCE assignments per pass over the tiles."""
+    a = lo
+    while a < hi:
+        n = _pass_rows(hi - a)
+        rowblocks(tag, base, tb, bits, 0, ng, group, q[a].ctypes.data, qs[a].ctypes.data, qsum[a].ctypes.data,
+                  dst[a].ctypes.data + rb * 64, a == lo, q.strides[0], qs.strides[0], dst.strides[0], n)
+        a += n
 
 
 @njit(parallel=True, **_OPTS)
@@ -459,9 +545,10 @@ def layer_rows(tag, x, rows, wts, offs, addrs, meta, inter, out):
     order the caller wants them summed), out [T, >= H] fp32 not zeroed here (chunks of experts add
     up in the same order as one call). x [T, H] fp32; addrs as in layer().
 
-    Each expert's weights are read once for all its rows: four parallel loops over (expert, row
-    block) units or rows: the token rows quantized once, gate and up rows, silu * up quantized
-    per down group, down rows; then the weighted sum over output columns, assignments in order."""
+    Each expert's weights are read once for all its rows, and each code vector unpacked once for up
+    to ROWS_AT_ONCE of them (rowblocks). Parallel loops over rows or (expert, row block) units: the
+    token rows quantized once and copied per assignment, gate and up rows, silu * up quantized per
+    down group, down rows; then the weighted sum over output columns, assignments in order."""
     T, H = x.shape
     E = addrs.shape[1]
     A = rows.shape[0]
@@ -476,11 +563,18 @@ def layer_rows(tag, x, rows, wts, offs, addrs, meta, inter, out):
     for t in prange(T):
         for g in range(ng1):
             _quant_group(x[t], xq[t], xs[t], xsum[t], g, g1)
+    # each assignment's copy of its token row, so that an expert's rows lie at one stride
+    aq = np.empty((A, H), np.int8)
+    as_ = np.empty((A, ng1), np.float32)
+    asum = np.empty((A, ng1), np.float32)
+    for a in prange(A):
+        aq[a] = xq[rows[a]]
+        as_[a] = xs[rows[a]]
+        asum[a] = xsum[rows[a]]
     h = np.empty((A, nb1 * 16), np.float32)
     for u in prange(E * nb1):
         e, rb = u // nb1, u % nb1
-        _expert_rows(tag, addrs[0, e] + rb * ng1 * t1, t1, b1, ng1, g1, offs[e], offs[e + 1], rows, xq, xs, xsum,
-                     h, rb)
+        _expert_rows(tag, addrs[0, e] + rb * ng1 * t1, t1, b1, ng1, g1, offs[e], offs[e + 1], aq, as_, asum, h, rb)
     hq = np.empty((A, inter), np.int8)
     hs = np.empty((A, ng2), np.float32)
     hsum = np.empty((A, ng2), np.float32)
@@ -491,11 +585,9 @@ def layer_rows(tag, x, rows, wts, offs, addrs, meta, inter, out):
         for g in range(ng2):
             _quant_group(ha, hq[a], hs[a], hsum[a], g, g2)
     y = np.empty((A, nb2 * 16), np.float32)
-    own = np.arange(A)  # the down products read assignment a's own activations
     for u in prange(E * nb2):
         e, rb = u // nb2, u % nb2
-        _expert_rows(tag, addrs[1, e] + rb * ng2 * t2, t2, b2, ng2, g2, offs[e], offs[e + 1], own, hq, hs, hsum,
-                     y, rb)
+        _expert_rows(tag, addrs[1, e] + rb * ng2 * t2, t2, b2, ng2, g2, offs[e], offs[e + 1], hq, hs, hsum, y, rb)
     for cb in prange(nb2):
         for a in range(A):
             t = rows[a]
