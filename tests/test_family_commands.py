@@ -58,6 +58,6 @@ def test_cli_on_a_family_far_from_mixtral(tmp_path):
         assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["completion_tokens"] >= 1
     bench = run_cli("bench", tmp_path / "store", "--modes", "resident,offload", "--prompts", "1",
-                    "--max-new-tokens", "3", "--in-process", "--json", tmp_path / "b.json")
+                    "--max-new-tokens", "3", "--in-process", "--no-plan", "--json", tmp_path / "b.json")
     assert bench.returncode == 0, bench.stderr
     assert set(json.loads((tmp_path / "b.json").read_text())["modes"]) == {"resident", "offload"}

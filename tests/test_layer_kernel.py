@@ -77,7 +77,7 @@ def test_rows_computed_together_equal_rows_alone(variant, bits):
     """Prefill's pass over a row block serves up to ROWS_AT_ONCE token rows: every batch size, full
     passes and a remainder, gives each row the floats it gets on its own."""
     m = kl.pack_rowtile(*_codes(48, 192, bits, 64), bits, 64)
-    for B in range(1, 2 * kl._jit().ROWS_AT_ONCE + 2):  # 8 + 4 + 2 + 1 at 15, 8 + 8 + 1 at 17
+    for B in range(1, 2 * kl._jit().ROWS_AT_ONCE + 2):  # full passes and single rows after them
         x = torch.randn(B, 192) * torch.rand(B, 1) * 4
         alone = torch.cat([kl.linear(x[b:b + 1], m, variant) for b in range(B)])
         assert torch.equal(kl.linear(x, m, variant), alone), B

@@ -277,15 +277,16 @@ def rowblock(typingctx, tag, base, tile_bytes, bits, g0, g1, group, xq, xs, xsum
     return sig, codegen
 
 
-# Token rows rowblocks computes in one pass over a row block's tiles: ROWS_AT_ONCE, or for the rest
-# of a batch the largest power of two below (a bounded number of compiled bodies).
+# Token rows rowblocks computes in one pass over a row block's tiles: ROWS_AT_ONCE, and the rest of
+# a batch one at a time (each body is compiled into every caller for every variant: with 2-row
+# passes too, compiling every variant took 65 s instead of 54).
 ROWS_AT_ONCE = 4
 
 
 @intrinsic
 def rowblocks(typingctx, tag, base, tile_bytes, bits, g0, g1, group, xq, xs, xsum, out, pf, x_stride, s_stride,
               out_stride, n):
-    """rowblock for n (a power of two up to ROWS_AT_ONCE) token rows at once: row j's activations at xq + j x_stride,
+    """rowblock for n (ROWS_AT_ONCE or 1) token rows at once: row j's activations at xq + j x_stride,
     its scales and sums at xs/xsum + j s_stride, its outputs at out + j out_stride (bytes). Each code
     vector is loaded and unpacked once for all n rows, and each group's scales and mins converted
     once: prefill's token rows share the weights (same floats as n calls of rowblock)."""
@@ -306,14 +307,12 @@ def rowblocks(typingctx, tag, base, tile_bytes, bits, g0, g1, group, xq, xs, xsu
             return context.get_dummy_value()
         end = builder.append_basic_block("rowblocks.end")
         sw = builder.switch(n_v, end)
-        nrows = ROWS_AT_ONCE
-        while nrows >= 1:
+        for nrows in (ROWS_AT_ONCE, 1):
             bb = builder.append_basic_block(f"rowblocks.n{nrows}")
             sw.add_case(ir.Constant(_i64, nrows), bb)
             builder.position_at_end(bb)
             _rowblock_ir(builder, variant, nrows, *rb_args)
             builder.branch(end)
-            nrows //= 2
         builder.position_at_end(end)
         return context.get_dummy_value()
 
@@ -384,7 +383,7 @@ def _quant_group(src, dst, xs, xsum, g, group):
 @njit(parallel=True, **_OPTS)
 def quant_rows(x, group, xq, xs, xsum):
     """Per token row b: int8 codes xq[b], scales xs[b, g] and sums xsum[b, g] of each rounded group
-    (rows over threads: a 128-token prompt's dense inputs took 5% of its prefill on one)."""
+    (rows over threads: a 128-token prompt's dense inputs took 4% of its prefill on one)."""
     for b in prange(x.shape[0]):
         for g in range(x.shape[1] // group):
             _quant_group(x[b], xq[b], xs[b], xsum[b], g, group)
@@ -392,11 +391,8 @@ def quant_rows(x, group, xq, xs, xsum):
 
 @njit(inline="always")
 def _pass_rows(left):
-    """Rows of the next rowblocks pass: ROWS_AT_ONCE, or the largest power of two <= what is left."""
-    n = ROWS_AT_ONCE
-    while n > left:
-        n //= 2
-    return n
+    """Rows of the next rowblocks pass: ROWS_AT_ONCE, or 1 for the rest."""
+    return ROWS_AT_ONCE if left >= ROWS_AT_ONCE else 1
 
 
 # ---------------------------------------------------------------- one matrix
