@@ -206,7 +206,7 @@ def _rowblock_ir(builder, variant, nrows, base_a, tile_b, bits_v, g0_v, g1_v, gr
     faccs = [cgutils.alloca_once_value(builder, ir.Constant(_v16f, [ir.Constant(_f32, 0.0)] * 16))
              for _ in range(nrows)]
     # four accumulator chains for one row (latency), two each for several (the rows are chains too)
-    nacc = 4 if nrows == 1 else (2 if nrows <= 4 else 1)
+    nacc = 4 if nrows == 1 else 2
     iaccs = [[cgutils.alloca_once(builder, _v16i32) for _ in range(nacc)] for _ in range(nrows)]
     steps = builder.udiv(group_v, ir.Constant(_i64, 32))
     zero = ir.Constant(_v16i32, [ir.Constant(_i32, 0)] * 16)
