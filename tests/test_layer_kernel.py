@@ -222,12 +222,14 @@ def test_layer_rows_match_reference(variant, H, inter, T, E, k, bits, group):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_layer_rows_equal_each_row_alone(variant):
-    """Experts with 0..11 assignments (full passes of ROWS_AT_ONCE rows and remainders): each token
+    """Experts with full passes of ROWS_AT_ONCE assignments and single ones after them: each token
     row gets the floats a one-row call gives it."""
     H, inter, E, k, T = 256, 64, 6, 3, 23
     experts = _experts(H, inter, E, 4, 32)
     x = torch.randn(T, H)
     rows, wts, offs, per_row = _assignments(T, E, k, seed=7)
+    counts = [offs[e + 1] - offs[e] for e in range(E)]
+    assert any(c > kl._jit().ROWS_AT_ONCE and c % kl._jit().ROWS_AT_ONCE for c in counts), counts
     y = kl.moe_layer_rows(x, experts, rows, wts, offs, variant_=variant)
     for t in range(T):
         mine = sorted(per_row[t])

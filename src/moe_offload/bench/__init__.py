@@ -15,12 +15,12 @@ from .compare import targets
 from .mode import HF_MODES, LONG_PREFILL, MODES, OURS, PROMPTS, open_model, run_mode
 from .report import format_report, format_table, plot
 from .roofline import blob_bandwidth, disk_bandwidth, ram_bandwidth, roofline_for
+from .system import disk_read_bytes, drop_page_cache
 from .._lazy import lazy_exports
 
 # run.py brings the plan and the store, hence torch: on first use, so that the CLI's parser starts without it.
 __getattr__ = lazy_exports(__name__, {name: ".run" for name in ("run_bench", "worker_main", "_check_source",
                                                                  "_recorded_source")})
-from .system import disk_read_bytes, drop_page_cache
 
 __all__ = ["add_parser", "cmd_bench", "parse_modes", "prepare_shape", "targets", "HF_MODES", "LONG_PREFILL",
            "MODES", "OURS", "PROMPTS", "open_model", "run_mode", "format_report", "format_table", "plot",
