@@ -13,6 +13,7 @@ from families import NAMED
 from moe_offload import attention_decode, decode_path, kernels, kernels_layer, norm_decode, router_decode
 from moe_offload.kernels_layer import quantize_rowtile
 from moe_offload.model import STOCK_DECODE
+from moe_offload.prefetch import Prefetcher
 from moe_offload.store import Store
 from moe_offload.synthetic import build_random_moe, tiny_moe_config
 
@@ -84,29 +85,45 @@ def test_decode_kernels_match_transformers(family, overrides, routers, plain_blo
     assert not any(v is False for _, v in paths), paths
     # every layer's first decode step is the check (transformers' forward, then the kernels on its
     # cache, then again on the cache with the kernels' keys and values); the rest run the kernels
-    assert len(calls) == n_attn * (STEPS - 1) + 2 * n_attn and not fused  # the prefetcher's hook: no fused step
+    # (the fused layer step attends in attend_route; the prefetcher's residual hook only observes, so
+    # the fused step runs it itself)
+    assert len(fused) == sum(1 for p in layers if p.plain_block) * (STEPS - 2)
+    assert len(calls) + len(fused) == n_attn * (STEPS - 1) + 2 * n_attn
     diffs = (got - expected).abs().amax(-1) / expected.abs().max()
     assert diffs[0] <= 1e-5  # the prompt: transformers' attention, our norms (float rounding)
     # float rounding (~1e-7); an int8 activation that rounds the other way moves a step by up to ~1e-3
     assert diffs.median() <= 1e-5 and diffs.max() <= 2e-2, diffs
 
-    # Without a prefetcher every layer whose block is a router and experts takes the fused step
-    # (layer_decode._fused), with the children's own floats, bit for bit.
-    def without_prefetch(fuse: bool):
-        model = moe_offload.load(store, experts_per_layer=experts, prefetch=0)
+    # Every layer whose block is a router and experts takes the fused step (layer_decode._fused), with
+    # the children's own floats, bit for bit; a prefetcher is handed the same residual streams as with
+    # the children called one by one (whether a guess then reads depends on the loads' timing).
+    def run(fuse: bool, **options):
+        model = moe_offload.load(store, **options)
+        streams = []
+        real_guess = Prefetcher.guess
+        monkeypatch.setattr(Prefetcher, "guess", lambda self, layer, residual: streams.append(
+            (layer, residual.clone())) or real_guess(self, layer, residual))
         try:
             for m in model.modules():
                 if type(getattr(m, "_decode_path", None)).__name__ == "_LayerPath":
                     m._decode_path.fused = fuse
             before = len(fused)
-            return _logits(model, seq, 9), len(fused) - before
+            return _logits(model, seq, 9), len(fused) - before, streams, model.offload_stats().as_dict()
         finally:
+            monkeypatch.setattr(Prefetcher, "guess", real_guess)
             model.close()
-    (with_fused, n_fused), (unfused, n_unfused) = without_prefetch(True), without_prefetch(False)
-    # (a layer's first decode step checks its attention, the second the layer; then every step is fused)
-    assert n_fused == sum(1 for p in layers if p.plain_block) * (STEPS - 2) and n_unfused == 0
-    assert torch.equal(with_fused, unfused)
-
+    n_plain = sum(1 for p in layers if p.plain_block)
+    for options in (dict(experts_per_layer=experts, prefetch=0),
+                    dict(experts_per_layer=config.num_experts_per_tok + 1, prefetch=2)):
+        (with_fused, n_fused, fused_streams, fused_stats), (unfused, n_unfused, unfused_streams, _) = (
+            run(True, **options), run(False, **options))
+        # (a layer's first decode step checks its attention, the second the layer; then every step is fused)
+        assert n_fused == n_plain * (STEPS - 2) and n_unfused == 0
+        assert torch.equal(with_fused, unfused)
+        assert len(fused_streams) == len(unfused_streams) >= (STEPS + 1) * (options["prefetch"] > 0)
+        assert all(a == b and x.shape == y.shape and torch.equal(x.reshape(-1), y.reshape(-1))
+                   for (a, x), (b, y) in zip(fused_streams, unfused_streams))
+        assert (fused_stats["prefetch_guesses"] > 0) == (options["prefetch"] > 0)
 
 def _plan(heads, kv_heads, hd, H, bits, group, bias, norm, seed):
     g = torch.Generator().manual_seed(seed)

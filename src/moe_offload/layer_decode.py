@@ -13,8 +13,9 @@ experts(h, router(h)). Any decoder layer whose children are those four takes the
 checks itself: on one call, transformers' own forward runs with hooks recording what each child got
 and gave, and the path is used from then on only if that call was exactly the formula above (the
 same tensors, compared bit for bit). The check does not run anything twice, so the cache's
-statistics and the KV cache see one forward. Children with hooks of their own (prefetch keeps the
-residual stream from a pre-hook on the MoE norm) are called as modules, so their hooks still run.
+statistics and the KV cache see one forward. Children with hooks of their own are called as
+modules, so their hooks still run; the one exception is a pre-hook that only observes its input
+(prefetch keeps the residual stream from one on the MoE norm), which the fused step calls itself.
 Every call the children's paths would not take (prompts, batches, masks, ...) goes to the layer's
 own forward.
 """
@@ -46,6 +47,13 @@ def install(model: nn.Module) -> int:
 
 def _hooked(module: nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+def _only_observed(module: nn.Module) -> bool:
+    """Whether the module's hooks are pre-hooks that only look at its input (`observes_only`, such as
+    the prefetcher's residual keeper): the fused step calls those itself."""
+    return not module._forward_hooks and all(getattr(h, "observes_only", False)
+                                             for h in module._forward_pre_hooks.values())
 
 
 class _LayerPath:
@@ -93,7 +101,7 @@ class _LayerPath:
         """Whether no child has hooks and the MoE block is experts(h, router(h)) with a checked router."""
         r = self.router
         return (self.plain_block and r._decode_path.verified is True and not _hooked(self.n1) and not _hooked(self.attn)
-                and not _hooked(self.n2) and not _hooked(self.mlp) and not _hooked(r) and not _hooked(self.experts))
+                and _only_observed(self.n2) and not _hooked(self.mlp) and not _hooked(r) and not _hooked(self.experts))
 
     def _fused(self, hidden_states, kwargs):
         """The formula above in two kernel calls (attention_decode: norm + q/k/v; attention + residual +
@@ -114,6 +122,11 @@ class _LayerPath:
                                     torch.from_numpy(v).view(1, p.kv_heads, 1, p.head_dim), attn.layer_idx)
         with kernels_grouped.launch_lock:
             x2, h, _, scores, idx = attention_decode.attend_route(p, q, keys, values, x, (w2, n2.eps), route, router.renorm)
+        n2_hooks = self.n2._forward_pre_hooks
+        if n2_hooks:  # observers of the MoE norm's input (the prefetcher's residual keeper)
+            stream = (torch.from_numpy(x2).view(hidden_states.shape),)
+            for hook in tuple(n2_hooks.values()):
+                hook(self.n2, stream)
         e = self.experts._offload
         y = e.decode_resident(h, idx, scores)
         if y is None:  # not every expert resident (or a runtime with more to do): the experts' own call

@@ -425,6 +425,19 @@ def _generation_config(st: Store, config, GenerationConfig):
     return GenerationConfig.from_model_config(config)
 
 
+class KeepResidual:
+    """A pre-hook on the norm before an MoE block: keeps its input (the residual stream) for the
+    prefetcher. It only observes, so the fused decode step (layer_decode.py) may call it itself
+    with the same tensor instead of calling the norm as a module."""
+    observes_only = True
+
+    def __init__(self, residuals: dict, layer: int):
+        self.residuals, self.layer = residuals, layer
+
+    def __call__(self, module, args):
+        self.residuals[self.layer] = args[0]
+
+
 def _install_hooks(model: nn.Module, runtime: OffloadRuntime, spec: MoeSpec) -> None:
     """Capture the residual stream before each MoE norm (for prefetch), guess the first MoE layer's
     experts (from the dense layer before it, or for the next token from the logits), and time every
@@ -432,9 +445,7 @@ def _install_hooks(model: nn.Module, runtime: OffloadRuntime, spec: MoeSpec) -> 
     first = spec.layers[0]
     if runtime.prefetcher is not None:
         for layer in spec.layers:
-            def keep_residual(module, args, layer=layer.index):
-                runtime.residuals[layer] = args[0]
-            model.get_submodule(layer.norm).register_forward_pre_hook(keep_residual)
+            model.get_submodule(layer.norm).register_forward_pre_hook(KeepResidual(runtime.residuals, layer.index))
         if first.index > 0:
             # Dense layers come first: the one just before the first MoE layer guesses for it.
             dense_norm = first.norm.replace(f".{first.index}.", f".{first.index - 1}.", 1)
