@@ -9,6 +9,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(2)
 
+import cli_process  # noqa: E402
 import moe_offload  # noqa: E402
 from moe_offload.synthetic import SHAPES, build_random_mixtral  # noqa: E402
 
@@ -40,9 +41,12 @@ def tiny_store4(tiny_src, tmp_path_factory):
                                progress=False)
 
 
-def run_cli(*args, timeout=300):
-    """Run the CLI in a fresh process, as a user would."""
+def run_cli(*args, timeout=300, fresh=False):
+    """Run the CLI in a process of its own, as a user would: forked from a server that has imported
+    it (cli_process.py), or with `fresh` started from nothing (`python -m moe_offload`)."""
     env = dict(os.environ, HF_HUB_OFFLINE="1")
+    if not fresh:
+        return cli_process.run(list(map(str, args)), env, timeout)
     return subprocess.run([sys.executable, "-m", "moe_offload", *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, env=env)
 

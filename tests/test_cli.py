@@ -28,7 +28,7 @@ def test_the_parser_starts_without_torch():
 
 def test_generate_json(tiny_store4):
     result = run_cli("generate", tiny_store4, "--prompt", "def main():", "--max-new-tokens", "12", "--json",
-                     "--experts-per-layer", "2")
+                     "--experts-per-layer", "2", fresh=True)  # one command end to end from a bare interpreter
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
     assert 1 <= out["completion_tokens"] <= 12 and isinstance(out["text"], str)
