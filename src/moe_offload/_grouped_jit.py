@@ -164,13 +164,10 @@ def _dequant(words, s16, z16, wt, n0, n1, sb):
 
 @njit(parallel=True, **_OPTS)
 def dequant_par(words, s16, z16, wt, bounds, sb):
+    # One body for every bit width: a copy per constant width took 16 s to compile against 3 s for
+    # this one, and was no faster (3584 x 1024 at 64 rows: 3.1 ms against 2.6-2.7 ms).
     for t in prange(len(bounds) - 1):
-        if sb == 2:
-            _dequant(words, s16, z16, wt, bounds[t], bounds[t + 1], 2)
-        elif sb == 4:
-            _dequant(words, s16, z16, wt, bounds[t], bounds[t + 1], 4)
-        else:
-            _dequant(words, s16, z16, wt, bounds[t], bounds[t + 1], 8)
+        _dequant(words, s16, z16, wt, bounds[t], bounds[t + 1], sb)
 
 
 ROWS = {2: rows2, 4: rows4, 8: rows8}
