@@ -101,11 +101,11 @@ def _axpy(o, w, v):
 
 
 @njit(parallel=True, **_OPTS)
-def attend_o(tag, q, keys, values, scale, to, bits, group, bo, out, y):
-    """One query token against the cached keys/values [KV, S, hd]: out = softmax(q k^T * scale) v
-    for every head (head h reads KV head h // (heads / KV), transformers' repeat_kv), then the
-    output projection of out (tiles `to`, bias bo or empty) into y [N16]."""
-    kvh, S, hd = keys.shape
+def attend_o(tag, q, keys, values, S, scale, to, bits, group, bo, out, y):
+    """One query token against the first S cached keys/values [KV, >= S, hd]: out = softmax(q k^T *
+    scale) v for every head (head h reads KV head h // (heads / KV), transformers' repeat_kv), then
+    the output projection of out (tiles `to`, bias bo or empty) into y [N16]."""
+    kvh, hd = keys.shape[0], keys.shape[2]
     nh = q.shape[0] // hd
     rep = nh // kvh
     for h in prange(nh):
@@ -183,10 +183,10 @@ def norm_qkv(tag, x, nw, neps, h, bits, group, tq, tk, tv, yq, yk, yv, heads, kv
 
 
 @njit(**_OPTS)
-def attend_route(tag, q, keys, values, scale, to, bits, group, bo, att, y, x, x2, nw, neps, h, rw, rb, k, renorm,
+def attend_route(tag, q, keys, values, S, scale, to, bits, group, bo, att, y, x, x2, nw, neps, h, rw, rb, k, renorm,
                  logits, scores, idx):
     """attend_o() into y, the residual x2 = x + y, h = RMSNorm(x2), then topk_router() of h."""
-    attend_o(tag, q, keys, values, scale, to, bits, group, bo, att, y)
+    attend_o(tag, q, keys, values, S, scale, to, bits, group, bo, att, y)
     for i in range(x.shape[0]):
         x2[i] = x[i] + y[i]
         h[i] = x2[i]

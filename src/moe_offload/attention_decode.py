@@ -136,22 +136,24 @@ def _project(plan: _Plan, x: np.ndarray, cos: np.ndarray, sin: np.ndarray, norm:
 def _attend(plan: _Plan, q: np.ndarray, keys: torch.Tensor, values: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """softmax(q K^T * scale) V over the cache, then the output product: ([H] fp32, the attention before it)."""
     o = plan.qms[3]
-    _check_cache(plan, keys, values)
+    keys, values = _array(keys), _array(values)
+    _check_cache(plan, keys, values, keys.shape[1])
     if q.shape[0] != o.k:
         raise ValueError(f"{q.shape[0]} query values for an output projection of {o.k}")
     y, attention = np.empty(plan.tiles[3].shape[0] * kernels_layer.ROWS, np.float32), np.empty(o.k, np.float32)
-    jit().attend_o(plan.tag, q, _array(keys), _array(values),
+    jit().attend_o(plan.tag, q, keys, values, keys.shape[1],
                    np.float32(plan.scale), plan.tiles[3], o.bits, o.group, plan.biases[3], attention, y)
     return y[:o.n], attention
 
 
-def attend_route(plan: _Plan, q: np.ndarray, keys: torch.Tensor, values: torch.Tensor, x: np.ndarray,
+def attend_route(plan: _Plan, q: np.ndarray, keys: np.ndarray, values: np.ndarray, length: int, x: np.ndarray,
                  norm: tuple, router: tuple, renorm: bool):
     """A decoder layer's middle in one call (layer_decode): the attention output y as _attend gives
-    it, the residual x + y, its RMSNorm with norm = (weight, eps), and a top-k router = (weight,
-    bias or empty, k) on that. Returns (x + y, its norm, router logits [E], top-k weights [k], indices [k])."""
+    it over the first `length` positions of keys/values [KV, >= length, hd], the residual x + y, its
+    RMSNorm with norm = (weight, eps), and a top-k router = (weight, bias or empty, k) on that.
+    Returns (x + y, its norm, router logits [E], top-k weights [k], indices [k])."""
     o, (rw, rb, k) = plan.qms[3], router
-    _check_cache(plan, keys, values)
+    _check_cache(plan, keys, values, length)
     if (q.shape[0] != o.k or x.shape[0] != o.n or norm[0].shape != x.shape or rw.shape[1] != o.n
             or rb.shape[0] not in (0, rw.shape[0]) or not 0 < k <= rw.shape[0]):
         raise ValueError(f"{q.shape[0]} query values for an output projection of {o.k} -> {o.n}, hidden state "
@@ -159,16 +161,17 @@ def attend_route(plan: _Plan, q: np.ndarray, keys: torch.Tensor, values: torch.T
     y = np.empty(plan.tiles[3].shape[0] * kernels_layer.ROWS, np.float32)
     x2, h = np.empty_like(x), np.empty_like(x)
     logits, scores, idx = np.empty(rw.shape[0], np.float32), np.empty(k, np.float32), np.empty(k, np.int64)
-    jit().attend_route(plan.tag, q, _array(keys), _array(values), np.float32(plan.scale), plan.tiles[3], o.bits,
+    jit().attend_route(plan.tag, q, keys, values, length, np.float32(plan.scale), plan.tiles[3], o.bits,
                        o.group, plan.biases[3], np.empty(o.k, np.float32), y, x, x2, norm[0], norm[1], h, rw, rb, k,
                        renorm, logits, scores, idx)
     return x2, h, logits, scores, idx
 
 
-def _check_cache(plan: _Plan, keys: torch.Tensor, values: torch.Tensor) -> None:
-    if keys.shape != values.shape or keys.shape[1] != plan.kv_heads or keys.shape[-1] != plan.head_dim:
-        raise ValueError(f"cache of shape {tuple(keys.shape)}/{tuple(values.shape)} for {plan.kv_heads} KV heads of "
-                         f"{plan.head_dim}")  # the kernels check no bounds
+def _check_cache(plan: _Plan, keys: np.ndarray, values: np.ndarray, length: int) -> None:
+    if (keys.shape != values.shape or keys.ndim != 3 or keys.shape[0] != plan.kv_heads or keys.shape[-1] != plan.head_dim
+            or not 0 < length <= keys.shape[1] or not (keys.flags.c_contiguous and values.flags.c_contiguous)):
+        raise ValueError(f"cache of shape {tuple(keys.shape)}/{tuple(values.shape)} ({length} used) for {plan.kv_heads} "
+                         f"KV heads of {plan.head_dim}")  # the kernels check no bounds
 
 
 def _array(t: torch.Tensor) -> np.ndarray:
@@ -194,7 +197,7 @@ def warm_up() -> None:
     _project(p, x, np.ones(32, np.float32), np.zeros(32, np.float32), norm)
     kv = torch.ones(1, 1, 1, 32)
     _attend(p, q, kv, kv)
-    attend_route(p, q, kv, kv, x, norm, (np.ones((4, 32), np.float32), _empty(), 2), True)
+    attend_route(p, q, kv[0].numpy(), kv[0].numpy(), 1, x, norm, (np.ones((4, 32), np.float32), _empty(), 2), True)
     jit().rms_norm_rows(np.ones((1, 32), np.float32), np.ones(32, np.float32), 1e-6, np.empty((1, 32), np.float32))
     out = np.empty(4, np.float32), np.empty(2, np.float32), np.empty(2, np.int64)
     jit().topk_router(np.ones(32, np.float32), np.ones((4, 32), np.float32), _empty(), 2, True, *out)

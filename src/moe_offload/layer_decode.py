@@ -24,7 +24,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import attention_decode, kernels_grouped
+from transformers.cache_utils import DynamicLayer
+
+from . import attention_decode, kernels_grouped, kv_buffer
 from .attention_decode import _DecodePath
 from .decode_path import take_forward
 from .norm_decode import _NormPath
@@ -107,6 +109,7 @@ class _LayerPath:
         """The formula above in two kernel calls (attention_decode: norm + q/k/v; attention + residual +
         norm + router) and the experts' one, with the same floats as the children's own paths (the
         kernels run the same steps in the same order; test_decode_kernels compares them bit for bit).
+        The new keys and values go into the cache layer through kv_buffer (no copy of the cache a step).
         None, before anything ran, when a child's path would not take this call."""
         attn, n1, n2, router = (self.attn._decode_path, self.n1._decode_path, self.n2._decode_path,
                                 self.router._decode_path)
@@ -118,10 +121,13 @@ class _LayerPath:
         x = hidden_states.numpy().reshape(-1)
         with kernels_grouped.launch_lock:
             q, k, v = attention_decode._project(p, x, cos, sin, (w1, n1.eps))
-        keys, values = cache.update(torch.from_numpy(k).view(1, p.kv_heads, 1, p.head_dim),
-                                    torch.from_numpy(v).view(1, p.kv_heads, 1, p.head_dim), attn.layer_idx)
+        kv = kv_buffer.append(cache.layers[attn.layer_idx], k, v) if type(cache.layers[attn.layer_idx]) is DynamicLayer else None
+        if kv is None:  # (a sliding window, an empty cache...): the layer's own update()
+            keys, values = cache.update(torch.from_numpy(k).view(1, p.kv_heads, 1, p.head_dim),
+                                        torch.from_numpy(v).view(1, p.kv_heads, 1, p.head_dim), attn.layer_idx)
+            kv = (attention_decode._array(keys), attention_decode._array(values), keys.shape[-2])
         with kernels_grouped.launch_lock:
-            x2, h, _, scores, idx = attention_decode.attend_route(p, q, keys, values, x, (w2, n2.eps), route, router.renorm)
+            x2, h, _, scores, idx = attention_decode.attend_route(p, q, *kv, x, (w2, n2.eps), route, router.renorm)
         n2_hooks = self.n2._forward_pre_hooks
         if n2_hooks:  # observers of the MoE norm's input (the prefetcher's residual keeper)
             stream = (torch.from_numpy(x2).view(hidden_states.shape),)

@@ -1,0 +1,53 @@
+"""A decode token's keys and values appended to transformers' cache without copying it.
+
+transformers' DynamicLayer.update() concatenates: every decode step copies the layer's whole cache
+into a new tensor, twice (keys, values), ~35 µs a layer on the qwen3-quarter shape and growing with
+the context. The fused decode step (layer_decode.py) instead writes the new position into a buffer
+with room to grow, kept on the cache layer itself (so two caches never share one), and makes the
+layer's keys/values views of its filled part: what update() would have left there, same shapes and
+values, so every other reader (a prompt's forward, crop, generate's bookkeeping) sees the cache as
+it expects. Whatever replaces those views (update() after a prompt, crop, a reorder) is taken over
+by the next step with one copy.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+_ATTR = "_moe_offload_kv"  # the buffer's place on the cache layer
+_MIN_ROOM = 64  # positions; capacity doubles from there
+
+
+class _Buffer:
+    __slots__ = ("keys", "values", "knp", "vnp", "kview", "vview")
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, room: int):
+        b, kv, n, hd = keys.shape
+        self.keys = torch.empty(b, kv, room, hd, dtype=keys.dtype)
+        self.values = torch.empty(b, kv, room, hd, dtype=values.dtype)
+        self.keys[:, :, :n] = keys
+        self.values[:, :, :n] = values
+        self.knp, self.vnp = self.keys.numpy()[0], self.values.numpy()[0]
+        self.kview = self.vview = None
+
+
+def append(layer, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray, int] | None:
+    """Add one token's k and v [KV * hd] after the cached positions of `layer` (a DynamicLayer
+    holding fp32 CPU tensors [1, KV, S, hd]); returns (keys, values [KV, capacity, hd], S + 1) for
+    the kernels, or None, with nothing changed, for a layer this does not handle (the caller then
+    calls update())."""
+    keys, values = layer.keys, layer.values
+    if (not layer.is_initialized or keys is None or keys.dim() != 4 or keys.shape[0] != 1 or keys.dtype != torch.float32
+            or values.dtype != torch.float32 or not keys.is_cpu or keys.shape != values.shape or keys.shape[-2] == 0
+            or k.shape[0] != keys.shape[1] * keys.shape[3] or v.shape != k.shape):
+        return None
+    n = keys.shape[-2]
+    buf = layer.__dict__.get(_ATTR)
+    if buf is None or keys is not buf.kview or values is not buf.vview or n >= buf.keys.shape[2]:
+        buf = _Buffer(keys, values, max(2 * n, _MIN_ROOM))
+        layer.__dict__[_ATTR] = buf
+    buf.knp[:, n] = k.reshape(buf.knp.shape[0], -1)
+    buf.vnp[:, n] = v.reshape(buf.vnp.shape[0], -1)
+    layer.keys = buf.kview = buf.keys[:, :, :n + 1]
+    layer.values = buf.vview = buf.values[:, :, :n + 1]
+    return buf.knp, buf.vnp, n + 1
