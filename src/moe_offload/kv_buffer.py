@@ -19,7 +19,7 @@ _MIN_ROOM = 64  # positions; capacity doubles from there
 
 
 class _Buffer:
-    __slots__ = ("keys", "values", "knp", "vnp", "kview", "vview")
+    __slots__ = ("keys", "values", "knp", "vnp", "kview", "vview", "length", "width")
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, room: int):
         b, kv, n, hd = keys.shape
@@ -29,6 +29,7 @@ class _Buffer:
         self.values[:, :, :n] = values
         self.knp, self.vnp = self.keys.numpy()[0], self.values.numpy()[0]
         self.kview = self.vview = None
+        self.length, self.width = n, kv * hd
 
 
 def append(layer, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray, int] | None:
@@ -36,18 +37,30 @@ def append(layer, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray,
     holding fp32 CPU tensors [1, KV, S, hd]); returns (keys, values [KV, capacity, hd], S + 1) for
     the kernels, or None, with nothing changed, for a layer this does not handle (the caller then
     calls update())."""
+    buf = layer.__dict__.get(_ATTR)
+    # The layer still holds the views this wrote last (checked by identity): nothing else to check.
+    if (buf is None or layer.keys is not buf.kview or layer.values is not buf.vview or buf.length >= buf.knp.shape[1]
+            or k.shape[0] != buf.width or v.shape[0] != buf.width):
+        buf = _adopt(layer, k, v)
+        if buf is None:
+            return None
+    n = buf.length
+    buf.knp[:, n] = k.reshape(buf.knp.shape[0], -1)
+    buf.vnp[:, n] = v.reshape(buf.vnp.shape[0], -1)
+    buf.length = n + 1
+    layer.keys = buf.kview = buf.keys.narrow(2, 0, n + 1)
+    layer.values = buf.vview = buf.values.narrow(2, 0, n + 1)
+    return buf.knp, buf.vnp, n + 1
+
+
+def _adopt(layer, k: np.ndarray, v: np.ndarray) -> _Buffer | None:
+    """A new buffer holding the layer's current keys and values, with room to grow; None if the
+    layer is not one append handles."""
     keys, values = layer.keys, layer.values
     if (not layer.is_initialized or keys is None or keys.dim() != 4 or keys.shape[0] != 1 or keys.dtype != torch.float32
             or values.dtype != torch.float32 or not keys.is_cpu or keys.shape != values.shape or keys.shape[-2] == 0
             or k.shape[0] != keys.shape[1] * keys.shape[3] or v.shape != k.shape):
         return None
     n = keys.shape[-2]
-    buf = layer.__dict__.get(_ATTR)
-    if buf is None or keys is not buf.kview or values is not buf.vview or n >= buf.keys.shape[2]:
-        buf = _Buffer(keys, values, max(2 * n, _MIN_ROOM))
-        layer.__dict__[_ATTR] = buf
-    buf.knp[:, n] = k.reshape(buf.knp.shape[0], -1)
-    buf.vnp[:, n] = v.reshape(buf.vnp.shape[0], -1)
-    layer.keys = buf.kview = buf.keys[:, :, :n + 1]
-    layer.values = buf.vview = buf.values[:, :, :n + 1]
-    return buf.knp, buf.vnp, n + 1
+    buf = layer.__dict__[_ATTR] = _Buffer(keys, values, max(2 * n, _MIN_ROOM))
+    return buf
