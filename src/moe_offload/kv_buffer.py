@@ -1,8 +1,8 @@
 """A decode token's keys and values appended to transformers' cache without copying it.
 
 transformers' DynamicLayer.update() concatenates: every decode step copies the layer's whole cache
-into a new tensor, twice (keys, values), ~35 µs a layer on the qwen3-quarter shape and growing with
-the context. The fused decode step (layer_decode.py) instead writes the new position into a buffer
+into a new tensor, twice (keys, values), a cost that grows with the context (quarter decode after a
+2,048-token prompt: 15.1 tok/s with it, 19.1 without; README, "Performance"). The fused decode step (layer_decode.py) instead writes the new position into a buffer
 with room to grow, kept on the cache layer itself (so two caches never share one), and makes the
 layer's keys/values views of its filled part: what update() would have left there, same shapes and
 values, so every other reader (a prompt's forward, crop, generate's bookkeeping) sees the cache as
