@@ -17,6 +17,7 @@ from __future__ import annotations
 import tempfile
 import time
 
+from ..engine import freeze_heap
 from .roofline import bytes_per_token_hf, bytes_per_token_offloaded
 from .system import _peak_rss, _reset_peak_rss, disk_read_bytes, drop_page_cache
 
@@ -67,6 +68,7 @@ def run_mode(spec: dict, progress) -> dict:
             _generate(model, tokenizer, WARMUP_PROMPT, 2)
             if mode == "resident":
                 _load_all_experts(model)
+            freeze_heap()  # as the command line does after loading (engine.freeze_heap), for every mode
             drop_page_cache(*spec["drop"])
             load_peak = _peak_rss()
             if info.get("stats") is not None:
