@@ -138,6 +138,9 @@ def test_plan_is_predicted_for_our_modes_before_they_run(tiny_run):
     store = Store.open(result["store"])
     assert modes["no-cache"]["plan"]["miss_groups"] == {str(store.top_k): 1}
     assert modes["no-cache"]["plan"]["disk_bytes_per_s_after"] > 0  # sampled again once the mode ran
+    # the disk sample reads into pools of the mode's own size: top-k for no-cache, the bench's 3 for the others
+    assert modes["no-cache"]["plan"]["disk_sample_slots_per_layer"] == store.top_k
+    assert modes["lru-only"]["plan"]["disk_sample_slots_per_layer"] == modes["offload"]["plan"]["disk_sample_slots_per_layer"] == 3
     assert "disk_bytes_per_s_after" not in modes["resident"]["plan"]  # it reads nothing
     groups = modes["lru-only"]["plan"]["miss_groups"]
     assert sum(int(m) * n for m, n in groups.items()) / (PROMPTS * (NEW_TOKENS - 1)) == pytest.approx(
@@ -164,6 +167,13 @@ def test_blob_read_rate_goes_through_the_loader_a_layer_group_at_a_time(tiny_run
     sizes = [n for _, n in calls]
     assert set(sizes) == {1, 2} and 2 < sizes.count(1) / sizes.count(2) < 4.5
     assert [layer for layer, _ in calls[:2 * len(st.moe_layers)]] == list(st.moe_layers) * 2  # layer after layer
+    # with the mode's slots per layer, every layer's reads land in its own pool, as the mode's do
+    made = []
+    monkeypatch.setattr(ExpertCache, "__init__", lambda self, layers, slots, *a, init=ExpertCache.__init__, **kw:
+                        made.append((slots, kw.get("scope"))) or init(self, layers, slots, *a, **kw))
+    assert blob_read_rate(st, {2: 1}, limit=40 * st.blob_size, slots_per_layer=3) > 0
+    assert blob_read_rate(st, {2: 1}, limit=40 * st.blob_size) > 0
+    assert made == [(3, "layer"), (2, "global")]
     # a read that costs 5 ms more than its bytes shows in the rate (a bandwidth alone would not)
     monkeypatch.setattr(DiskLoader, "_read", lambda self, *a: time.sleep(0.005) or read(self, *a))
     assert blob_read_rate(st, {1: 1}, limit=20 * st.blob_size) < st.blob_size / 0.005

@@ -6,8 +6,9 @@ the compute per token and a routing trace;
 each mode's expected hit rate is the simulator's on that trace at the mode's cache size (resident:
 every expert; no-cache: none). Its reads go at the rate blobs come back through the loader, a
 layer's misses submitted together in the group sizes the simulator gives the mode (no-cache:
-top-k), measured again right before the mode runs: a shared machine's disk drifts by 2x within minutes (README,
-"Planning"), and the prediction should be judged on its model, not on that drift. The plan
+top-k), into pools of the mode's own slots per layer, measured again right before the mode runs:
+a shared machine's disk drifts by 2x within minutes (README, "Planning"), and the prediction
+should be judged on its model, not on that drift. The plan
 predicts for prefetch off, so `offload` gets the same model as `lru-only`.
 """
 from __future__ import annotations
@@ -42,14 +43,24 @@ class Forecast:
     def hit_rate(self, mode: str) -> float:
         return self.expected_misses(mode)[0]
 
+    def slots_per_layer(self, mode: str) -> int | None:
+        """Where the mode's reads land: its pools' slots per MoE layer (None: one global pool)."""
+        if mode == "no-cache":
+            return self.st.top_k
+        from .run import cache_slots_per_pool
+
+        kw = self.load_kwargs
+        return cache_slots_per_pool(self.st, kw) if (kw.get("cache_scope") or "layer") == "layer" else None
+
     def predict(self, mode: str) -> dict:
         hit, groups = self.expected_misses(mode)
-        disk = blob_read_rate(self.st, groups, limit=DISK_SAMPLE) if hit < 1 else 0
+        slots = self.slots_per_layer(mode) if hit < 1 else None
+        disk = blob_read_rate(self.st, groups, limit=DISK_SAMPLE, slots_per_layer=slots) if hit < 1 else 0
         compute = self.timing.seconds_per_token
         misses, read, tps = decode_rate(self.st, hit, compute, disk) if disk else (0.0, 0.0, 1 / compute)
         return {"decode_tokens_per_s": round(tps, 3), "hit_rate": round(hit, 4), "compute_seconds_per_token": compute,
                 "read_seconds_per_token": read, "expert_reads_per_token": misses, "disk_bytes_per_s": disk,
-                "miss_groups": {str(m): n for m, n in sorted(groups.items())}}
+                "miss_groups": {str(m): n for m, n in sorted(groups.items())}, "disk_sample_slots_per_layer": slots}
 
     def sample_after(self, forecast: dict) -> None:
         """The same disk sample again right after the mode ran, kept beside the prediction (not in
@@ -57,7 +68,8 @@ class Forecast:
         from the model's error."""
         if forecast["disk_bytes_per_s"]:
             groups = {int(m): n for m, n in forecast["miss_groups"].items()}  # the prediction's own
-            forecast["disk_bytes_per_s_after"] = blob_read_rate(self.st, groups, limit=DISK_SAMPLE)
+            forecast["disk_bytes_per_s_after"] = blob_read_rate(self.st, groups, limit=DISK_SAMPLE,
+                                                                slots_per_layer=forecast["disk_sample_slots_per_layer"])
 
 
 def forecaster(st, modes: list[str], load_kwargs: dict, prompts, max_new_tokens: int) -> Forecast | None:

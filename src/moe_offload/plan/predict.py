@@ -9,7 +9,8 @@
               resident (or dense + top-k expert bytes over the RAM bandwidth); reads are the
               expected misses per token, (1 - hit rate) x top-k x MoE layers, times the blob size
               over the rate at which blobs come back through the loader (measured cold, a layer's
-              misses submitted together as the cache does, in the simulator's group sizes; or given)
+              misses submitted together as the cache does, in the simulator's group sizes, into a
+              cache of the planned slots per layer; or given)
 """
 from __future__ import annotations
 
@@ -170,7 +171,7 @@ def plan(store_path, ram: int, *, disk_read: float | None = None, trace=None, me
     if disk_read is None:
         from ..bench.roofline import blob_read_rate
 
-        disk_read = blob_read_rate(store, groups, limit=256 << 20) if hit < 1 else 1.0
+        disk_read = blob_read_rate(store, groups, limit=256 << 20, slots_per_layer=max(slots, k)) if hit < 1 else 1.0
         if disk_read <= 0:
             raise MoeOffloadError("the disk read bandwidth could not be measured")
     misses, read, tps = decode_rate(store, hit, compute, disk_read)
