@@ -62,7 +62,7 @@ def test_convert_and_verify(tiny_src, tmp_path):
 def test_commands_freeze_the_loaded_heap(tiny_store4, monkeypatch):
     """After loading, the commands move what the process holds into the collector's permanent
     generation, after a collection: full collections then skip the ~500k objects of torch,
-    transformers and the model instead of pausing a decode step for ~150 ms."""
+    transformers and the model instead of pausing a decode step for ~200 ms."""
     import gc
 
     from moe_offload.cli import build_parser

@@ -280,11 +280,12 @@ class Engine:
 def freeze_heap() -> None:
     """Move every object the process holds now into the garbage collector's permanent generation,
     after a collection (so no garbage cycle is kept). A loaded model leaves ~520,000 tracked objects
-    (torch, transformers, the modules), and a full collection over them costs ~150 ms, paid by
-    whichever decode step it falls in (quarter, 33-token generates in one process: 34.4-36.4 ms a
-    token in the one with a full collection, 27.2-30.1 in the others); frozen, they are never traversed again and are still freed by reference counting. The
-    command line, the server and the bench own their processes and call this once the model is
-    loaded; load() does not, since it would change a library user's whole process."""
+    (torch, transformers, the modules), and a full collection over them takes ~200 ms (quarter:
+    201-203 ms; 0.0 ms once frozen), paid by whichever decode step it falls in (33-token generates
+    in one process: 34.4-36.4 ms a token in the one with a full collection, 27.2-30.1 in the
+    others). Frozen objects are never traversed again and are still freed by reference counting.
+    The command line, the server and the bench own their processes and call this once the model
+    is loaded; load() does not, since it would change a library user's whole process."""
     import gc
 
     gc.collect()
