@@ -3,10 +3,10 @@
 transformers' DynamicLayer.update() concatenates: every decode step copies the layer's whole cache
 into a new tensor, twice (keys, values), a cost that grows with the context (quarter decode after a
 2,048-token prompt: 15.1 tok/s with it, 19.1 without; README, "Performance"). The fused decode step
-(layer_decode.py) instead writes the new position into a buffer with room to grow, kept on the cache layer itself (so two caches never share one), and makes the
-layer's keys/values views of its filled part: what update() would have left there, same shapes and
-values, so every other reader (a prompt's forward, crop, generate's bookkeeping) sees the cache as
-it expects. Whatever replaces those views (update() after a prompt, crop, a reorder) is taken over
+(layer_decode.py) instead writes the new position into a buffer with room to grow, kept on the
+cache layer itself (so two caches never share one), and makes the layer's keys/values views of its
+filled part: what update() would have left there, same shapes and values, so every other reader (a
+prompt's forward, crop, generate's bookkeeping) sees the cache as it expects. Whatever replaces those views (update() after a prompt, crop, a reorder) is taken over
 by the next step with one copy.
 """
 from __future__ import annotations
