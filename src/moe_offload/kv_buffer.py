@@ -6,8 +6,8 @@ into a new tensor, twice (keys, values), a cost that grows with the context (qua
 (layer_decode.py) instead writes the new position into a buffer with room to grow, kept on the
 cache layer itself (so two caches never share one), and makes the layer's keys/values views of its
 filled part: what update() would have left there, same shapes and values, so every other reader (a
-prompt's forward, crop, generate's bookkeeping) sees the cache as it expects. Whatever replaces those views (update() after a prompt, crop, a reorder) is taken over
-by the next step with one copy.
+prompt's forward, crop, generate's bookkeeping) sees the cache as it expects. Whatever replaces
+those views (update() after a prompt, crop, a reorder) is taken over by the next step with one copy.
 """
 from __future__ import annotations
 
