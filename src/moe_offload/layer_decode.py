@@ -121,7 +121,8 @@ class _LayerPath:
         x = hidden_states.numpy().reshape(-1)
         with kernels_grouped.launch_lock:
             q, k, v = attention_decode._project(p, x, cos, sin, (w1, n1.eps))
-        kv = kv_buffer.append(cache.layers[attn.layer_idx], k, v) if type(cache.layers[attn.layer_idx]) is DynamicLayer else None
+        layer = cache.layers[attn.layer_idx]
+        kv = kv_buffer.append(layer, k, v) if type(layer) is DynamicLayer else None
         if kv is None:  # (a sliding window, an empty cache...): the layer's own update()
             keys, values = cache.update(torch.from_numpy(k).view(1, p.kv_heads, 1, p.head_dim),
                                         torch.from_numpy(v).view(1, p.kv_heads, 1, p.head_dim), attn.layer_idx)
