@@ -37,6 +37,7 @@ def _main(argv: list[str], env: dict, cwd: str, out: str, err: str) -> None:
     os.chdir(cwd)
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
+    os.close(null)
     for fd, path in ((1, out), (2, err)):
         f = os.open(path, os.O_WRONLY)
         os.dup2(f, fd)
