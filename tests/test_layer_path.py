@@ -148,3 +148,62 @@ def test_rowtile_at_2_and_8_bits_moves_the_default_group_into_its_range(tmp_path
     finally:
         model.close()
     assert (fast - reference).abs().max().item() <= 0.05 * reference.abs().max().item()
+
+
+@pytest.mark.parametrize("family,overrides", [("mixtral", {"hidden_size": 64, "intermediate_size": 96,
+                                                           "sliding_window": None}),  # (a window masks each step)
+                                              ("qwen3_moe", {"hidden_size": 96, "moe_intermediate_size": 64,
+                                                             "num_experts_per_tok": 4, "num_experts": 12})])
+def test_the_fused_layer_step_computes_misses_and_guesses_as_the_module_call(family, overrides, tmp_path,
+                                                                            monkeypatch):
+    """With one-call experts and quantized dense layers, every decode step after the checks is one fused
+    layer step (layer_decode._fused) that computes the experts itself (LayerExperts.decode_step): with
+    every expert resident, with misses at a cache of top-k, and with the prefetcher's guesses. It must
+    give the module call's floats and, without guesses (whose hits depend on when reads complete), the
+    same hits and misses."""
+    from moe_offload import layer_decode
+    from moe_offload.moe import LayerExperts
+
+    config = tiny_moe_config(family, **{**NAMED[family], **overrides})
+    src = build_random_moe(tmp_path / "src", config, seed=5, tokenizer=False)
+    store = moe_offload.convert(src, tmp_path / "st", expert_bits=4, dense_bits=4, expert_format="rowtile",
+                                progress=False)
+    st = Store.open(store)
+    # A one-token prompt: every step then waits for all its reads (a longer prompt's experts can
+    # outnumber the pool, and which slot its last reads leave loading depends on the disk's timing).
+    ids = torch.randint(3, config.vocab_size, (1, 1))
+    module_calls, fused_steps = [], []
+    real_call, real_fused = LayerExperts.__call__, layer_decode._LayerPath._fused
+    monkeypatch.setattr(LayerExperts, "__call__", lambda *a: module_calls.append(1) or real_call(*a))
+    monkeypatch.setattr(layer_decode._LayerPath, "_fused", lambda *a: fused_steps.append(1) or real_fused(*a))
+
+    def run(fuse: bool, **options):
+        module_calls.clear(), fused_steps.clear()
+        model = moe_offload.load(store, **options)
+        try:
+            for m in model.modules():
+                if isinstance(getattr(m, "_decode_path", None), layer_decode._LayerPath):
+                    m._decode_path.fused = fuse
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=STEPS, min_new_tokens=STEPS,
+                                 do_sample=False,
+                                 output_logits=True, return_dict_in_generate=True, pad_token_id=0, eos_token_id=None)
+            return torch.stack(out.logits), model.offload_stats().as_dict(), len(module_calls), len(fused_steps)
+        finally:
+            model.close()
+
+    n_moe = len(st.moe_layers)
+    for options in (dict(experts_per_layer=st.num_experts, prefetch=0), dict(experts_per_layer=st.top_k, prefetch=0),
+                    dict(experts_per_layer=st.top_k + 1, prefetch=2)):
+        fused, fused_stats, fused_calls, steps = run(True, **options)
+        unfused, unfused_stats, unfused_calls, _ = run(False, **options)
+        assert torch.equal(fused, unfused)
+        # a layer's first decode step checks its attention, the second the layer; every later one is fused
+        assert steps == n_moe * (STEPS - 2)
+        assert fused_calls == unfused_calls - steps  # and none of those makes the experts' module call
+        if not options["prefetch"]:
+            assert fused_stats["hits_per_layer"] == unfused_stats["hits_per_layer"]
+            assert fused_stats["misses_per_layer"] == unfused_stats["misses_per_layer"]
+        if options["experts_per_layer"] == st.top_k:
+            assert sum(fused_stats["misses_per_layer"]) > 2 * st.top_k * n_moe  # more than the unfused steps made
+        if options["prefetch"]:
+            assert fused_stats["prefetch_guesses"] > 0

@@ -135,8 +135,8 @@ class _LayerPath:
             for hook in tuple(n2_hooks.values()):
                 hook(self.n2, stream)
         e = self.experts._offload
-        y = e.decode_resident(h, idx, scores)
-        if y is None:  # not every expert resident (or a runtime with more to do): the experts' own call
+        y = e.decode_step(h, idx, scores)
+        if y is None:  # a layer that is not one kernel call, or a hybrid tier: the experts' own call
             y = e(torch.from_numpy(h).view(1, -1), torch.from_numpy(idx).view(1, -1),
                   torch.from_numpy(scores).view(1, -1)).reshape(-1).numpy()
         x2 += y

@@ -102,7 +102,10 @@ class LayerExperts:
                 rt.hybrid.release(on_cpu)
         if self.layer_call and used and not kernels.reference_mode():
             if decode:
-                return self._one_call(hidden_states, used, weight_of)
+                x = hidden_states[0]
+                y = self._decode_call(x.numpy() if x.dtype == torch.float32 and x.is_contiguous()
+                                      else x.float().contiguous().numpy(), used, weight_of)
+                return torch.from_numpy(y).view(1, -1).to(hidden_states.dtype)
             return self._rows_call(hidden_states, top_k_index, top_k_weights, used)
         return self._forward(hidden_states, top_k_index, top_k_weights, decode, weight_of if decode else None, used)
 
@@ -115,16 +118,49 @@ class LayerExperts:
                 weight_of[e] = weight_of.get(e, 0.0) + w
         return weight_of, sorted(e for e in weight_of if e < self.num_experts)
 
-    def decode_resident(self, h, index, weights):
+    def decode_step(self, h, index, weights):
         """__call__ for one token as numpy arrays (h [H] fp32, index and weights [k]), for the fused
-        decoder layer (layer_decode.py): y [H] fp32 when the layer is one kernel call, the runtime has
-        neither prefetcher nor hybrid tier (nothing else to do at this step) and every chosen expert is
-        resident; else None with nothing changed (the caller then makes the module call)."""
+        decoder layer (layer_decode.py): y [H] fp32, with the same bookkeeping (the prefetcher's guess
+        and score, the cache's hits and misses) and the same floats. None, with nothing done, when the
+        layer is not one kernel call or the runtime has a hybrid tier (the caller then makes the module
+        call). Misses are read here too: a step that waits for the disk skips the module call's
+        tensor conversions as well."""
         rt = self.runtime
-        if not self.layer_call or rt.prefetcher is not None or rt.hybrid is not None or kernels.reference_mode():
+        if not self.layer_call or rt.hybrid is not None or kernels.reference_mode():
             return None
         weight_of, used = self._weight_of(index.tolist(), weights.tolist())
-        return self._pinned_call(h, used, weight_of) if used else None
+        if not used:  # (the experts' module call: its general path sums nothing)
+            return None
+        if rt.prefetcher is not None:
+            residual = rt.residuals.pop(self.layer, None)
+            if residual is not None:
+                rt.prefetcher.guess(self.layer, residual)  # reads start before this layer computes
+            rt.prefetcher.score(self.layer, set(used))
+        return self._decode_call(h, used, weight_of)
+
+    def _decode_call(self, x, used: list[int], weight_of: dict):
+        """One token's y [H] fp32 for x [H] fp32 by one kernel call: every expert of `used` (sorted, so
+        summed in expert order) pinned at once, resident ones without the stream's generator."""
+        cache = self.runtime.cache
+        slots = cache.pin_resident(self.layer, used)
+        if slots is not None:
+            try:
+                return self._kernel(x, [self.slot_addrs.get(s.index) or self._addrs(s) for s in slots], used, weight_of)
+            finally:
+                cache.unpin(slots)
+        stream = cache.stream(self.layer, used, hold=True)
+        try:
+            got = dict(next(stream) for _ in used)
+            return self._kernel(x, [tuple(got[e][n].tensors["tiles"].data_ptr() for n in ("gate_up", "down"))
+                                    for e in used], used, weight_of)
+        finally:
+            stream.close()
+
+    def _kernel(self, x, addrs, used, weight_of):
+        if self.tag is None:
+            self.tag = kernels_layer._tag(kernels_layer.variant())
+        return kernels_layer.moe_layer_decode_at(x, self.shape, [a for a, _ in addrs], [b for _, b in addrs],
+                                                 [weight_of[e] for e in used], self.tag)
 
     def _forward(self, hidden_states, top_k_index, top_k_weights, decode: bool, weight_of, used, on_cpu=None):
         # Outputs are summed in expert order, not in the order the cache delivers them: the float sum
@@ -163,38 +199,6 @@ class LayerExperts:
             token_idx, k_pos = torch.where(top_k_index == expert)
             y = self.expert(x[token_idx.cpu()], weights).to(hidden_states.device)
             outputs[expert] = (token_idx, y * top_k_weights[token_idx, k_pos, None])
-
-    def _one_call(self, hidden_states: torch.Tensor, used: list[int], weight_of: dict) -> torch.Tensor:
-        """Every expert of the token pinned at once, then computed and summed by one kernel call."""
-        x = hidden_states[0]
-        y = self._pinned_call(x.numpy() if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous().numpy(),
-                              used, weight_of)
-        if y is not None:
-            y = torch.from_numpy(y).view(1, -1)
-            return y if hidden_states.dtype == torch.float32 else y.to(hidden_states.dtype)
-        stream = self.runtime.cache.stream(self.layer, used, hold=True)
-        try:
-            got = sorted((next(stream) for _ in used), key=lambda pair: pair[0])  # summed in expert order
-            y = kernels_layer.moe_layer_decode(hidden_states[0], [(w["gate_up"], w["down"]) for _, w in got],
-                                               [weight_of[e] for e, _ in got])
-        finally:
-            stream.close()
-        return y.to(hidden_states.dtype).unsqueeze(0)
-
-    def _pinned_call(self, x, used: list[int], weight_of: dict):
-        """The kernel's y [H] for x [H] fp32 if every expert of `used` is resident, else None."""
-        cache = self.runtime.cache
-        slots = cache.pin_resident(self.layer, used)  # `used` is sorted: summed in expert order
-        if slots is None:
-            return None
-        try:
-            addrs = [self.slot_addrs.get(s.index) or self._addrs(s) for s in slots]
-            if self.tag is None:
-                self.tag = kernels_layer._tag(kernels_layer.variant())
-            return kernels_layer.moe_layer_decode_at(x, self.shape, [a for a, _ in addrs], [b for _, b in addrs],
-                                                     [weight_of[e] for e in used], self.tag)
-        finally:
-            cache.unpin(slots)
 
     def _addrs(self, slot) -> tuple[int, int]:
         a = self.slot_addrs[slot.index] = tuple(slot.views[n].tensors["tiles"].data_ptr() for n in ("gate_up", "down"))
