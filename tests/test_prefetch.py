@@ -68,6 +68,29 @@ def test_payoff_gate_pauses_and_resumes():
     assert all(gate.allow(3 * w, 0) for _ in range(probe))  # counters reset: starts afresh
 
 
+def test_guesses_pause_while_they_cost_more_time_than_they_save():
+    from moe_offload.prefetch import PayoffGate, Prefetcher
+    from moe_offload.stats import OffloadStats
+
+    stats = OffloadStats(2)
+    pf = Prefetcher(None, stats, {0: None, 1: None}, {}, prefetch=2, lookahead=1)
+    w, probe = PayoffGate.WINDOW, PayoffGate.PROBE_EVERY
+    stats.add(prefetch_loads=2 * w, prefetch_useful=2 * w)  # every speculative read was used
+    stats.add(guess_calls=w - 1, guess_seconds=1.0)
+    stats.record_read("disk", 1, seconds=0.001)
+    assert pf.saves_time()  # fewer than a window of guesses measured: not judged yet
+    stats.add(guess_calls=1)
+    # 32 right guesses x 1 ms each spared, against 1 s of guessing: pause, one probe in PROBE_EVERY calls
+    assert not pf.saves_time()
+    assert sum(pf._worth_guessing() for _ in range(4 * probe)) == 4
+    stats.add(guess_seconds=-1.0 + 0.03)  # the same reads, guesses of 30 ms in all: they pay
+    assert pf.saves_time() and all(pf._worth_guessing() for _ in range(probe))
+    stats.record_read("disk", 1, seconds=0.0)  # a second read, instant: the mean read halves
+    assert not pf.saves_time()
+    stats.reset()  # the counters restart (bench's warm-up): not judged again until a window is measured
+    assert pf.saves_time()
+
+
 def test_first_layer_guess_is_the_routers_choice_for_the_likeliest_token(tiny_store16):
     """After a step's logits, layer 0's router applied to the embedding of the argmax token picks
     what is prefetched for layer 0, and those guesses are scored when layer 0 runs."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import mmap
 import os
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
@@ -70,6 +71,7 @@ class DiskLoader:
     def _read(self, layer: int, expert: int, dest: torch.Tensor) -> None:
         blob = self.store.blob(layer, expert)
         view = memoryview(dest.numpy())[: blob["size"]]
+        started = time.perf_counter()
         done = 0
         while done < blob["size"]:
             n = os.preadv(self.fd, [view[done:]], blob["offset"] + done)
@@ -81,7 +83,7 @@ class DiskLoader:
             done += n
         if not self.direct:
             os.posix_fadvise(self.fd, blob["offset"], blob["size"], os.POSIX_FADV_DONTNEED)
-        self.stats.record_read(self.tier, blob["size"])
+        self.stats.record_read(self.tier, blob["size"], time.perf_counter() - started)
         key = (layer, expert)
         if self.verify and key not in self._verified:
             self.store.check_blob(layer, expert, view)

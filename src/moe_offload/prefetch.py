@@ -10,6 +10,8 @@ and with the next step's first attention block.
 """
 from __future__ import annotations
 
+import time
+
 import torch
 
 from .cache import ExpertCache
@@ -26,9 +28,11 @@ class PayoffGate:
         self.paying, self.calls = True, 0
         self.mark = (0, 0)  # (tries, useful) at the start of the current window
 
-    def allow(self, tries: int, useful: int) -> bool:
+    def allow(self, tries: int, useful: int, also: bool = True) -> bool:
+        """Whether to speculate now: while the last window paid and `also` holds, else one probe in
+        PROBE_EVERY calls."""
         self.calls += 1
-        return self.pays(tries, useful) or self.calls % self.PROBE_EVERY == 0
+        return (self.pays(tries, useful) and also) or self.calls % self.PROBE_EVERY == 0
 
     def pays(self, tries: int, useful: int) -> bool:
         """Whether the last complete window paid (no probing: for guesses that are scored anyway)."""
@@ -42,7 +46,10 @@ class PayoffGate:
 
 class Prefetcher:
     # Speculation pays only if most speculative reads are used: each wasted read costs bandwidth and
-    # a slot, and a guess costs the router (~0.2 ms a layer). The first layer's guesses, made from a
+    # a slot. And only if a guess costs less than the stalls it saves: it is computed on the decode's
+    # own path (norm, router, ranking, handing the reads to the loader: 0.15-0.3 ms a layer on a
+    # 2-core CPU), while a right guess saves at most a read; on small experts read in 0.1-0.3 ms the
+    # guesses cost more than they save (README, "Planning"). The first layer's guesses, made from a
     # token embedding instead of the residual stream, are gated on their own precision as well.
 
     def __init__(self, cache: ExpertCache, stats: OffloadStats, routers: dict, norms: dict,
@@ -64,22 +71,27 @@ class Prefetcher:
         targets = [t for t in self.layers if t > layer][:self.lookahead]
         if self.prefetch <= 0 or not targets or not self._worth_guessing():
             return
+        started = time.perf_counter()
         h = residual.reshape(-1, residual.shape[-1])
         for target in targets:
             self._guess_layer(target, h)
+        self._spent(started)
 
     @torch.no_grad()
     def guess_first_layer(self, logits: torch.Tensor) -> None:
         """Called when a step's logits [B, T, V] exist: guess the first MoE layer's experts for
         the next token from the embedding of each sequence's most likely next token (exact for
-        greedy decoding up to the first attention block's contribution). The guess is always
-        scored, but reads start only while at least half of the recent guesses were right: an
-        embedding predicts routing well in some models and barely in others (random weights)."""
-        if self.prefetch <= 0 or self.embed is None:
+        greedy decoding up to the first attention block's contribution). The guess is made and
+        scored while guesses pay their time (_worth_guessing), but reads start only while at least
+        half of the recent first-layer guesses were right: an embedding predicts routing well in
+        some models and barely in others (random weights)."""
+        if self.prefetch <= 0 or self.embed is None or not self._worth_guessing():
             return
+        started = time.perf_counter()
         token = logits[:, -1].argmax(dim=-1)
         read = self.first_gate.pays(self.first_guessed, self.first_correct)
-        self._guess_layer(self.layers[0], self.embed(token), read=read and self._worth_guessing())
+        self._guess_layer(self.layers[0], self.embed(token), read=read)
+        self._spent(started)
 
     def _guess_layer(self, target: int, h: torch.Tensor, read: bool = True) -> None:
         if read and not self.cache.has_room(target) and getattr(self.cache, "warm_below", None) is None:
@@ -111,7 +123,20 @@ class Prefetcher:
         return torch.cat([chosen, rest], dim=-1)
 
     def _worth_guessing(self) -> bool:
-        return self.reads_gate.allow(self.stats.prefetch_loads, self.stats.prefetch_useful)
+        s = self.stats
+        return self.reads_gate.allow(s.prefetch_loads, s.prefetch_useful, also=self.saves_time())
+
+    def saves_time(self) -> bool:
+        """Whether the guesses so far saved more time than they took: the right ones (reads a layer
+        then used) times the mean read each spared a wait for, against the guesses' own time. True
+        until a window of guesses and a read have been measured."""
+        s = self.stats
+        if s.guess_calls < PayoffGate.WINDOW or not s.loads:
+            return True
+        return s.prefetch_useful * s.read_seconds / s.loads >= s.guess_seconds
+
+    def _spent(self, started: float) -> None:
+        self.stats.add(guess_seconds=time.perf_counter() - started, guess_calls=1)
 
     def score(self, layer: int, used: set[int]) -> None:
         """Compare the guesses made for `layer` with the experts it actually used."""

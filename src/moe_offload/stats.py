@@ -60,6 +60,8 @@ class OffloadStats:
             self.prefetch_useful = 0  # reads started by guesses that a layer then used
             self.bytes_read: dict[str, int] = defaultdict(int)
             self.loads = 0
+            self.read_seconds = 0.0  # the loader's time inside reads (prefetch weighs a guess against it)
+            self.guess_seconds, self.guess_calls = 0.0, 0  # the prefetcher's guesses, computed on the decode's path
             self.stall_seconds = 0.0
             # The host tier and the device (tiers.py): zero when there is none.
             self.host_hits = self.host_misses = self.host_evictions = self.host_prefetch_loads = 0
@@ -80,10 +82,11 @@ class OffloadStats:
         with self._lock:
             (self.hits if hit else self.misses)[self.position[layer]] += count
 
-    def record_read(self, tier: str, nbytes: int) -> None:
+    def record_read(self, tier: str, nbytes: int, seconds: float = 0.0) -> None:
         with self._lock:
             self.bytes_read[tier] += nbytes
             self.loads += 1
+            self.read_seconds += seconds
 
     @property
     def hit_rate(self) -> float:
