@@ -91,6 +91,37 @@ def test_guesses_pause_while_they_cost_more_time_than_they_save():
     assert pf.saves_time()
 
 
+def test_the_trial_speculates_on_the_side_that_decodes_faster():
+    from types import SimpleNamespace
+
+    from moe_offload.speculation_trial import SpeculationTrial
+
+    stats = SimpleNamespace(tokens_decode=0, seconds_decode=0.0)
+    trial = SpeculationTrial(stats)
+    W = trial.WINDOW
+
+    def window(seconds_per_token_on, seconds_per_token_off):
+        """One window of decode tokens at the given speeds; returns whether it speculated."""
+        on = trial.speculating()
+        for _ in range(W):
+            stats.tokens_decode += 1
+            stats.seconds_decode += seconds_per_token_on if on else seconds_per_token_off
+            assert trial.speculating() == on or stats.tokens_decode % W == 0  # a window keeps its side
+        return on
+
+    # speculating costs time: the first windows alternate, then it runs one window in EXPLORE_EVERY
+    sides = [window(2.0, 1.0) for _ in range(8 * trial.EXPLORE_EVERY)]
+    assert sides[:2 * trial.MIN_WINDOWS] == [True, False] * trial.MIN_WINDOWS
+    assert sum(sides[2 * trial.MIN_WINDOWS:]) == len(sides[2 * trial.MIN_WINDOWS:]) // trial.EXPLORE_EVERY
+    assert trial.seconds_per_token(True) == 2.0 and trial.seconds_per_token(False) == 1.0
+    # it pays from now on: the explored windows move the means until speculation is the faster side
+    sides = [window(0.1, 1.0) for _ in range(16 * trial.EXPLORE_EVERY)]
+    assert all(sides[-trial.EXPLORE_EVERY + 1:])
+    side, windows = trial.on, dict(trial.windows)
+    stats.tokens_decode, stats.seconds_decode = 0, 0.0  # the counters reset: the window opens again
+    assert trial.speculating() == side and trial.mark == (0, 0.0) and trial.windows == windows
+
+
 def test_first_layer_guess_is_the_routers_choice_for_the_likeliest_token(tiny_store16):
     """After a step's logits, layer 0's router applied to the embedding of the argmax token picks
     what is prefetched for layer 0, and those guesses are scored when layer 0 runs."""

@@ -15,6 +15,7 @@ import time
 import torch
 
 from .cache import ExpertCache
+from .speculation_trial import SpeculationTrial
 from .stats import OffloadStats
 
 
@@ -49,8 +50,10 @@ class Prefetcher:
     # a slot. And only if a guess costs less than the stalls it saves: it is computed on the decode's
     # own path (norm, router, ranking, handing the reads to the loader: 0.15-0.3 ms a layer on a
     # 2-core CPU), while a right guess saves at most a read; on small experts read in 0.1-0.3 ms the
-    # guesses cost more than they save (README, "Planning"). The first layer's guesses, made from a
-    # token embedding instead of the residual stream, are gated on their own precision as well.
+    # guesses cost more than they save (README, "Planning"). Both are estimates; what decides in the
+    # end is the decode's own time with and without speculation (speculation_trial.py). The first
+    # layer's guesses, made from a token embedding instead of the residual stream, are gated on
+    # their own precision as well.
 
     def __init__(self, cache: ExpertCache, stats: OffloadStats, routers: dict, norms: dict,
                  prefetch: int, lookahead: int, embed: torch.nn.Module | None = None):
@@ -63,6 +66,7 @@ class Prefetcher:
         self.reads_gate, self.first_gate = PayoffGate(), PayoffGate()
         self.first_guessed = self.first_correct = 0  # the first layer's guesses and the right ones
         self.listeners: list = []  # called with (target_layer, experts, read) for every guess: traces record them
+        self.trial = SpeculationTrial(stats)
 
     @torch.no_grad()
     def guess(self, layer: int, residual: torch.Tensor) -> None:
@@ -123,6 +127,8 @@ class Prefetcher:
         return torch.cat([chosen, rest], dim=-1)
 
     def _worth_guessing(self) -> bool:
+        if not self.trial.speculating():  # a window timed without speculation, or one that lost to it
+            return False
         s = self.stats
         return self.reads_gate.allow(s.prefetch_loads, s.prefetch_useful, also=self.saves_time())
 
