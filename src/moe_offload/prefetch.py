@@ -10,6 +10,7 @@ and with the next step's first attention block.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -17,6 +18,12 @@ import torch
 from .cache import ExpertCache
 from .speculation_trial import SpeculationTrial
 from .stats import OffloadStats
+
+
+def _no_grad():
+    """torch.no_grad() where gradients are on (a user's own forward), else nothing: decode runs under
+    generate's no_grad already, and entering the context costs more than a skipped guess."""
+    return torch.no_grad() if torch.is_grad_enabled() else contextlib.nullcontext()
 
 
 class PayoffGate:
@@ -68,7 +75,6 @@ class Prefetcher:
         self.listeners: list = []  # called with (target_layer, experts, read) for every guess: traces record them
         self.trial = SpeculationTrial(stats)
 
-    @torch.no_grad()
     def guess(self, layer: int, residual: torch.Tensor) -> None:
         """Called when decoder layer `layer`'s MLP input is known (`residual`: the stream before its
         norm): guess the next `lookahead` MoE layers after it. Dense layers are skipped over."""
@@ -77,11 +83,11 @@ class Prefetcher:
             return
         started = time.perf_counter()
         h = residual.reshape(-1, residual.shape[-1])
-        for target in targets:
-            self._guess_layer(target, h)
+        with _no_grad():
+            for target in targets:
+                self._guess_layer(target, h)
         self._spent(started)
 
-    @torch.no_grad()
     def guess_first_layer(self, logits: torch.Tensor) -> None:
         """Called when a step's logits [B, T, V] exist: guess the first MoE layer's experts for
         the next token from the embedding of each sequence's most likely next token (exact for
@@ -94,7 +100,8 @@ class Prefetcher:
         started = time.perf_counter()
         token = logits[:, -1].argmax(dim=-1)
         read = self.first_gate.pays(self.first_guessed, self.first_correct)
-        self._guess_layer(self.layers[0], self.embed(token), read=read)
+        with _no_grad():
+            self._guess_layer(self.layers[0], self.embed(token), read=read)
         self._spent(started)
 
     def _guess_layer(self, target: int, h: torch.Tensor, read: bool = True) -> None:
