@@ -79,17 +79,13 @@ class LayerExperts:
             with torch.no_grad():
                 return self(hidden_states, top_k_index, top_k_weights)
         rt = self.runtime
-        residual = rt.residuals.pop(self.layer, None)
-        if rt.prefetcher is not None and residual is not None:
-            rt.prefetcher.guess(self.layer, residual)  # reads start before this layer computes
         decode = hidden_states.shape[0] == 1
         if decode:
             # One token: no gather/scatter. index_add_ costs ~30x a plain add at this size (measured).
             weight_of, used = self._weight_of(top_k_index[0].tolist(), top_k_weights[0].tolist())
         else:
             used = [e for e in torch.unique(top_k_index).tolist() if e < self.num_experts]
-        if rt.prefetcher is not None:
-            rt.prefetcher.score(self.layer, set(used))
+        self._speculate(used)
         # Hybrid (tiers.py): experts that miss the device but sit in host RAM, computed on the CPU when
         # that beats copying them; their host slots stay pinned until they are computed.
         on_cpu = {} if rt.hybrid is None or self.post_norm is not None else (
@@ -131,12 +127,20 @@ class LayerExperts:
         weight_of, used = self._weight_of(index.tolist(), weights.tolist())
         if not used:  # (the experts' module call: its general path sums nothing)
             return None
-        if rt.prefetcher is not None:
-            residual = rt.residuals.pop(self.layer, None)
-            if residual is not None:
-                rt.prefetcher.guess(self.layer, residual)  # reads start before this layer computes
-            rt.prefetcher.score(self.layer, set(used))
+        self._speculate(used)
         return self._decode_call(h, used, weight_of)
+
+    def _speculate(self, used: list[int]) -> None:
+        """The prefetcher's part of a step: guess the next layers from the residual stream kept before
+        this layer's MoE norm (their reads start before this layer computes), and score this layer's
+        guesses against `used`."""
+        pf = self.runtime.prefetcher
+        if pf is None:
+            return
+        residual = self.runtime.residuals.pop(self.layer, None)
+        if residual is not None:
+            pf.guess(self.layer, residual)
+        pf.score(self.layer, set(used))
 
     def _decode_call(self, x, used: list[int], weight_of: dict):
         """One token's y [H] fp32 for x [H] fp32 by one kernel call: every expert of `used` (sorted, so
@@ -151,8 +155,7 @@ class LayerExperts:
         stream = cache.stream(self.layer, used, hold=True)
         try:
             got = dict(next(stream) for _ in used)
-            return self._kernel(x, [tuple(got[e][n].tensors["tiles"].data_ptr() for n in ("gate_up", "down"))
-                                    for e in used], used, weight_of)
+            return self._kernel(x, [_tile_addrs(got[e]) for e in used], used, weight_of)
         finally:
             stream.close()
 
@@ -201,7 +204,7 @@ class LayerExperts:
             outputs[expert] = (token_idx, y * top_k_weights[token_idx, k_pos, None])
 
     def _addrs(self, slot) -> tuple[int, int]:
-        a = self.slot_addrs[slot.index] = tuple(slot.views[n].tensors["tiles"].data_ptr() for n in ("gate_up", "down"))
+        a = self.slot_addrs[slot.index] = _tile_addrs(slot.views)
         return a
 
     def _rows_call(self, hidden_states, top_k_index, top_k_weights, used: list[int]) -> torch.Tensor:
@@ -239,6 +242,11 @@ class LayerExperts:
             for e in sorted(outputs):
                 out += outputs[e]
         return out.to(hidden_states.dtype)
+
+
+def _tile_addrs(views: dict) -> tuple[int, int]:
+    """The gate_up and down tile addresses of one slot's views (what the layer kernel reads)."""
+    return views["gate_up"].tensors["tiles"].data_ptr(), views["down"].tensors["tiles"].data_ptr()
 
 
 def offloaded_experts_forward(self, hidden_states, top_k_index, top_k_weights):
