@@ -61,3 +61,21 @@ def test_quantized_family_matches_transformers_on_dequantized_weights(case, tmp_
         assert per_position.median() <= 2e-2 * expected.abs().max(), c.family
     finally:
         model.close()
+
+
+def test_an_experts_class_that_wraps_the_seam_keeps_its_forward():
+    """The experts module's call is handed straight to the cache only when its forward is the seam's
+    dispatcher; a subclass that computes around the seam (ergo's per-expert norm) keeps its own."""
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+
+    from moe_offload import archs
+
+    class Wrapped(MixtralExperts):
+        def forward(self, hidden_states, top_k_index, top_k_weights):
+            return 2 * super().forward(hidden_states, top_k_index, top_k_weights)
+
+    config = MixtralConfig(hidden_size=8, intermediate_size=16, num_local_experts=4)
+    with torch.device("meta"):
+        assert archs.seam_forward_is_own(MixtralExperts(config))
+        assert not archs.seam_forward_is_own(Wrapped(config))

@@ -82,6 +82,16 @@ def is_experts_module(module: torch.nn.Module) -> bool:
     return hasattr(type(module), "_apply_gate") and hasattr(module, "is_transposed")
 
 
+def seam_forward_is_own(module: torch.nn.Module) -> bool:
+    """Whether the experts module's forward is the seam's dispatcher itself. A family whose experts
+    class overrides it (e.g. ergo: each route's output normed per expert around the seam's call)
+    computes more than the seam's implementation; its forward must stay."""
+    from transformers.integrations import moe as seam
+
+    code = getattr(type(module).forward, "__code__", None)
+    return code is not None and code.co_filename == seam.__file__ and hasattr(type(module).forward, "__wrapped__")
+
+
 def build_meta_model(config, experts_implementation: str | None = None, dtype: torch.dtype | None = None):
     """The model's skeleton on the meta device (costs no memory)."""
     from transformers import AutoModelForCausalLM

@@ -26,7 +26,7 @@ from torch import nn
 
 from transformers.cache_utils import DynamicLayer
 
-from . import attention_decode, kernels_grouped, kv_buffer
+from . import attention_decode, kernels_grouped, kv_buffer, moe
 from .attention_decode import _DecodePath
 from .decode_path import take_forward
 from .norm_decode import _NormPath
@@ -67,7 +67,7 @@ class _LayerPath:
         gate = block.get("gate", block.get("router"))
         # an MoE block that is nothing but a router and offloaded experts: called as experts(h, router(h))
         self.router = gate if (len(block) == 2 and isinstance(getattr(gate, "_decode_path", None), _RouterPath)
-                               and hasattr(block.get("experts"), "_offload")) else None
+                               and moe.is_direct(block.get("experts"))) else None
         self.experts = block.get("experts") if self.router is not None else None
         self.verified: bool | None = None
         self.plain_block = False  # whether the check saw the block compute experts(h, router(h))

@@ -37,7 +37,7 @@ _import_cache_utils_without_hqq()
 
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, _default_apply_gate  # noqa: E402
 
-from . import kernels, kernels_layer  # noqa: E402
+from . import archs, kernels, kernels_layer  # noqa: E402
 from .quant import QMatrix  # noqa: E402
 
 IMPLEMENTATION = "moe_offload"
@@ -263,5 +263,12 @@ def attach(module: torch.nn.Module, layer: int, runtime, expert_params) -> None:
         del module._parameters[name]
     module._offload = LayerExperts(layer, module, runtime)
     # Called straight from the module's __call__: transformers' experts wrapper only looks up the
-    # implementation registered above (config attribute reads: ~10 us a call at decode).
-    module.forward = module._offload
+    # implementation registered above (config attribute reads: ~10 us a call at decode). A class
+    # that wraps the seam in its own forward keeps it (it reaches us through the registry).
+    if archs.seam_forward_is_own(module):
+        module.forward = module._offload
+
+
+def is_direct(module: torch.nn.Module) -> bool:
+    """Whether calling the offloaded experts module is calling its LayerExperts, nothing around it."""
+    return "_offload" in module.__dict__ and module.__dict__.get("forward") is module._offload
