@@ -160,8 +160,10 @@ def test_the_fused_layer_step_computes_misses_and_guesses_as_the_module_call(fam
     layer step (layer_decode._fused) that computes the experts itself (LayerExperts.decode_step): with
     every expert resident, with misses at a cache of top-k, and with the prefetcher's guesses. It must
     give the module call's floats and, without guesses (whose hits depend on when reads complete), the
-    same hits and misses."""
-    from moe_offload import layer_decode
+    same hits and misses. With every expert loaded first and no prefetcher, the experts are computed
+    in the attention call (attend_route_experts) at every fused step, with the same floats and hits."""
+    from moe_offload import _decode_jit, layer_decode
+    from moe_offload.bench.mode import _load_all_experts
     from moe_offload.moe import LayerExperts
 
     config = tiny_moe_config(family, **{**NAMED[family], **overrides})
@@ -176,30 +178,41 @@ def test_the_fused_layer_step_computes_misses_and_guesses_as_the_module_call(fam
     real_call, real_fused = LayerExperts.__call__, layer_decode._LayerPath._fused
     monkeypatch.setattr(LayerExperts, "__call__", lambda *a: module_calls.append(1) or real_call(*a))
     monkeypatch.setattr(layer_decode._LayerPath, "_fused", lambda *a: fused_steps.append(1) or real_fused(*a))
+    in_attention, real_in_attention = [], _decode_jit.attend_route_experts
+    monkeypatch.setattr(_decode_jit, "attend_route_experts", lambda *a: in_attention.append(1) or real_in_attention(*a))
 
-    def run(fuse: bool, **options):
-        module_calls.clear(), fused_steps.clear()
+    def run(fuse: bool, preload: bool = False, **options):
+        module_calls.clear(), fused_steps.clear(), in_attention.clear()
         model = moe_offload.load(store, **options)
         try:
+            if preload:
+                _load_all_experts(model)
             for m in model.modules():
                 if isinstance(getattr(m, "_decode_path", None), layer_decode._LayerPath):
                     m._decode_path.fused = fuse
             out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=STEPS, min_new_tokens=STEPS,
                                  do_sample=False,
                                  output_logits=True, return_dict_in_generate=True, pad_token_id=0, eos_token_id=None)
-            return torch.stack(out.logits), model.offload_stats().as_dict(), len(module_calls), len(fused_steps)
+            return (torch.stack(out.logits), model.offload_stats().as_dict(), len(module_calls), len(fused_steps),
+                    len(in_attention))
         finally:
             model.close()
 
     n_moe = len(st.moe_layers)
     for options in (dict(experts_per_layer=st.num_experts, prefetch=0), dict(experts_per_layer=st.top_k, prefetch=0),
-                    dict(experts_per_layer=st.top_k + 1, prefetch=2)):
-        fused, fused_stats, fused_calls, steps = run(True, **options)
-        unfused, unfused_stats, unfused_calls, _ = run(False, **options)
+                    dict(experts_per_layer=st.top_k + 1, prefetch=2),
+                    dict(experts_per_layer=st.num_experts, prefetch=0, preload=True)):
+        fused, fused_stats, fused_calls, steps, in_attention_steps = run(True, **options)
+        unfused, unfused_stats, unfused_calls, _, unfused_in_attention = run(False, **options)
         assert torch.equal(fused, unfused)
         # a layer's first decode step checks its attention, the second the layer; every later one is fused
         assert steps == n_moe * (STEPS - 2)
         assert fused_calls == unfused_calls - steps  # and none of those makes the experts' module call
+        assert unfused_in_attention == 0
+        if options.get("preload"):  # (without it, a layer may become fully resident mid-way)
+            assert in_attention_steps == steps
+        elif options["experts_per_layer"] < st.num_experts or options["prefetch"]:
+            assert in_attention_steps == 0
         if not options["prefetch"]:
             assert fused_stats["hits_per_layer"] == unfused_stats["hits_per_layer"]
             assert fused_stats["misses_per_layer"] == unfused_stats["misses_per_layer"]

@@ -6,7 +6,7 @@ same floats as kernels_layer.linear gives.
 import numpy as np
 from numba import njit, prange
 
-from ._layer_jit import _OPTS, _quant_group, rowblock
+from ._layer_jit import _OPTS, _quant_group, layer, layer_serial, rowblock
 
 
 @njit(inline="always", error_model="numpy", boundscheck=False)
@@ -192,3 +192,26 @@ def attend_route(tag, q, keys, values, S, scale, to, bits, group, bo, att, y, x,
         h[i] = x2[i]
     _rms_norm(h, nw, neps)
     topk_router(h, rw, rb, k, renorm, logits, scores, idx)
+
+
+@njit(**_OPTS)
+def attend_route_experts(tag, q, keys, values, S, scale, to, bits, group, bo, att, y, x, x2, nw, neps, h, rw, rb, k,
+                         renorm, logits, scores, idx, table, wts, meta, inter, bbuf, fbuf, counters, addrs, nthreads):
+    """attend_route(), then the routed experts of h added into x2: the experts' tile addresses taken
+    from table [2, E] (every expert of the layer, resident), summed in expert order by the one-call
+    layer kernel (the floats of kernels_layer.moe_layer_decode_at and x2 += its output)."""
+    attend_route(tag, q, keys, values, S, scale, to, bits, group, bo, att, y, x, x2, nw, neps, h, rw, rb, k, renorm,
+                 logits, scores, idx)
+    order = np.argsort(idx)
+    for j in range(k):
+        i = order[j]
+        wts[j] = scores[i]
+        addrs[0, j] = table[0, idx[i]]
+        addrs[1, j] = table[1, idx[i]]
+    if nthreads == 1:
+        layer_serial(tag, h, wts, addrs, meta, inter, bbuf, fbuf, counters)
+    else:
+        layer(tag, h, wts, addrs, meta, inter, bbuf, fbuf, counters, nthreads)
+    off = fbuf.shape[0] - ((x.shape[0] + 15) // 16) * 16
+    for i in range(x.shape[0]):
+        x2[i] += fbuf[off + i]

@@ -147,11 +147,15 @@ def _attend(plan: _Plan, q: np.ndarray, keys: torch.Tensor, values: torch.Tensor
 
 
 def attend_route(plan: _Plan, q: np.ndarray, keys: np.ndarray, values: np.ndarray, length: int, x: np.ndarray,
-                 norm: tuple, router: tuple, renorm: bool):
+                 norm: tuple, router: tuple, renorm: bool, experts: tuple | None = None):
     """A decoder layer's middle in one call (layer_decode): the attention output y as _attend gives
     it over the first `length` positions of keys/values [KV, >= length, hd], the residual x + y, its
     RMSNorm with norm = (weight, eps), and a top-k router = (weight, bias or empty, k) on that.
-    Returns (x + y, its norm, router logits [E], top-k weights [k], indices [k])."""
+    Returns (x + y, its norm, router logits [E], top-k weights [k], indices [k]).
+    With experts = (table [2, E] int64, layer shape): the tile addresses of every expert of the
+    layer (all resident) and their kernels_layer.layer_shape(); the routed experts are then
+    computed in the same call (the plan's kernel variant) and added into the returned x + y, with
+    the floats of moe.LayerExperts' one kernel call."""
     o, (rw, rb, k) = plan.qms[3], router
     _check_cache(plan, keys, values, length)
     if (q.shape[0] != o.k or x.shape[0] != o.n or norm[0].shape != x.shape or rw.shape[1] != o.n
@@ -161,9 +165,18 @@ def attend_route(plan: _Plan, q: np.ndarray, keys: np.ndarray, values: np.ndarra
     y = np.empty(plan.tiles[3].shape[0] * kernels_layer.ROWS, np.float32)
     x2, h = np.empty_like(x), np.empty_like(x)
     logits, scores, idx = np.empty(rw.shape[0], np.float32), np.empty(k, np.float32), np.empty(k, np.int64)
-    jit().attend_route(plan.tag, q, keys, values, length, np.float32(plan.scale), plan.tiles[3], o.bits,
-                       o.group, plan.biases[3], np.empty(o.k, np.float32), y, x, x2, norm[0], norm[1], h, rw, rb, k,
-                       renorm, logits, scores, idx)
+    args = (plan.tag, q, keys, values, length, np.float32(plan.scale), plan.tiles[3], o.bits, o.group, plan.biases[3],
+            np.empty(o.k, np.float32), y, x, x2, norm[0], norm[1], h, rw, rb, k, renorm, logits, scores, idx)
+    if experts is None:
+        jit().attend_route(*args)
+        return x2, h, logits, scores, idx
+    table, (H, inter, meta) = experts
+    if table.shape != (2, rw.shape[0]) or table.dtype != np.int64 or H != x.shape[0]:
+        raise ValueError(f"expert table {table.shape} for a router of {rw.shape[0]} experts, experts of hidden {H}")
+    nthreads = kernels_layer._threads(None)
+    bbuf, fbuf, counters, addrs = kernels_layer._workspace(H, inter, k, meta[1], meta[4], nthreads)
+    jit().attend_route_experts(*args, table, np.empty(k, np.float32), meta, inter, bbuf, fbuf, counters, addrs,
+                               nthreads)
     return x2, h, logits, scores, idx
 
 
@@ -190,14 +203,21 @@ def attention_reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
 
 def warm_up() -> None:
     """Load (the first time: compile) every decode kernel (attention, RMSNorm, router, the fused
-    layer step's two) on tiny inputs with the argument types of real calls."""
+    layer step's two, the second also with the experts) on tiny inputs with the argument types of
+    real calls."""
     p = _tiny_plan()
     x, norm = np.ones(32, np.float32), (np.ones(32, np.float32), 1e-6)
     q, _, _ = _project(p, x, np.ones(32, np.float32), np.zeros(32, np.float32))
     _project(p, x, np.ones(32, np.float32), np.zeros(32, np.float32), norm)
     kv = torch.ones(1, 1, 1, 32)
     _attend(p, q, kv, kv)
-    attend_route(p, q, kv[0].numpy(), kv[0].numpy(), 1, x, norm, (np.ones((4, 32), np.float32), _empty(), 2), True)
+    router = (np.ones((4, 32), np.float32), _empty(), 2)
+    attend_route(p, q, kv[0].numpy(), kv[0].numpy(), 1, x, norm, router, True)
+    gu = kernels_layer.quantize_rowtile(torch.ones(64, 32), 4, 32, optimize=False)
+    dn = kernels_layer.quantize_rowtile(torch.ones(32, 32), 4, 32, optimize=False)
+    table = np.array([[gu.tensors["tiles"].data_ptr()] * 4, [dn.tensors["tiles"].data_ptr()] * 4], np.int64)
+    attend_route(p, q, kv[0].numpy(), kv[0].numpy(), 1, x, norm, router, True,
+                 experts=(table, kernels_layer.layer_shape(gu, dn)))
     jit().rms_norm_rows(np.ones((1, 32), np.float32), np.ones(32, np.float32), 1e-6, np.empty((1, 32), np.float32))
     out = np.empty(4, np.float32), np.empty(2, np.float32), np.empty(2, np.int64)
     jit().topk_router(np.ones(32, np.float32), np.ones((4, 32), np.float32), _empty(), 2, True, *out)

@@ -64,6 +64,7 @@ class ExpertCache:
         self.pools = {k: Pool(slots[i * slots_per_pool:(i + 1) * slots_per_pool]) for i, k in enumerate(pool_keys)}
         self.residency: dict[Key, Slot] = {}
         self.lock = threading.Lock()
+        self.changes = 0  # counts every slot taken, loaded or freed: a residency snapshot is current while equal
         self.evicted: list[Key] = []  # eviction order, kept short; tests compare it with a reference LRU
         stats.cache_slots = total
         stats.resident = lambda: len(self.residency)
@@ -85,6 +86,7 @@ class ExpertCache:
             if slot.evictable() and key not in keep and (victim is None or key == victim):
                 del pool.lru[key]
                 del self.residency[key]
+                self.changes += 1
                 self.evicted.append(key)
                 if len(self.evicted) > 4096:
                     del self.evicted[:2048]
@@ -107,6 +109,7 @@ class ExpertCache:
         slot.key, slot.speculative = key, speculative
         slot.future = self.loader.submit(key[0], key[1], slot.buffer)
         self.residency[key] = slot
+        self.changes += 1
         pool.lru[key] = slot
 
     def _drop(self, slot: Slot) -> None:
@@ -114,6 +117,7 @@ class ExpertCache:
         pool = self.pool(slot.key[0])
         self.residency.pop(slot.key, None)
         pool.lru.pop(slot.key, None)
+        self.changes += 1
         slot.key = slot.future = None
         slot.pins = 0
         pool.free.append(slot)
@@ -223,29 +227,41 @@ class ExpertCache:
         without the generator (a decode step of a warm cache costs ~20 us less a layer): the same
         bookkeeping (hit counts, LRU order, prefetch credit, last step, uses), every slot pinned
         until unpin(). None, with nothing changed, if any expert is missing, loading or failed."""
-        pool = self.pool(layer)
         with self.lock:
-            slots = []
-            for e in experts:
-                slot = self.residency.get((layer, e))
-                if slot is None:
-                    return None
-                if slot.future is not None:
-                    if not slot.future.done() or slot.future.exception():
-                        return None
-                    slot.future = None  # read and checked: later steps skip the future's locks
-                slots.append(slot)
-            pool.last_step[layer] = {(layer, e) for e in experts}
-            for e, slot in zip(experts, slots):
-                key = (layer, e)
-                self.uses[key] = self.uses.get(key, 0) + 1
-                pool.lru.move_to_end(key)
-                if slot.speculative:
-                    slot.speculative = False
-                    self.stats.prefetch_useful += 1
-                slot.pins += 1
-            self.stats.record_access(layer, hit=True, count=len(slots))
+            slots = self.loaded_slots(layer, experts)
+            if slots is not None:
+                self.record_hits(layer, experts, slots)
+                for slot in slots:
+                    slot.pins += 1
         return slots
+
+    def loaded_slots(self, layer: int, experts) -> list[Slot] | None:
+        """(lock held) The slots of `experts` if every one is resident and loaded, else None."""
+        slots = []
+        for e in experts:
+            slot = self.residency.get((layer, e))
+            if slot is None:
+                return None
+            if slot.future is not None:
+                if not slot.future.done() or slot.future.exception():
+                    return None
+                slot.future = None  # read and checked: later steps skip the future's locks
+            slots.append(slot)
+        return slots
+
+    def record_hits(self, layer: int, experts: list[int], slots: list[Slot]) -> None:
+        """(lock held) A step's bookkeeping for resident experts: hit counts, LRU order, prefetch
+        credit, the layer's last step, uses."""
+        pool = self.pool(layer)
+        pool.last_step[layer] = {(layer, e) for e in experts}
+        for e, slot in zip(experts, slots):
+            key = (layer, e)
+            self.uses[key] = self.uses.get(key, 0) + 1
+            pool.lru.move_to_end(key)
+            if slot.speculative:
+                slot.speculative = False
+                self.stats.prefetch_useful += 1
+        self.stats.record_access(layer, hit=True, count=len(slots))
 
     def unpin(self, slots: list[Slot]) -> None:
         with self.lock:
@@ -278,6 +294,7 @@ class ExpertCache:
                 if key[0] == layer and slot.evictable():
                     del pool.lru[key]
                     del self.residency[key]
+                    self.changes += 1
                     slot.key = slot.future = None
                     pool.free.append(slot)
                     freed += 1

@@ -127,14 +127,23 @@ class _LayerPath:
             keys, values = cache.update(torch.from_numpy(k).view(1, p.kv_heads, 1, p.head_dim),
                                         torch.from_numpy(v).view(1, p.kv_heads, 1, p.head_dim), attn.layer_idx)
             kv = (attention_decode._array(keys), attention_decode._array(values), keys.shape[-2])
-        with kernels_grouped.launch_lock:
-            x2, h, _, scores, idx = attention_decode.attend_route(p, q, *kv, x, (w2, n2.eps), route, router.renorm)
+        e = self.experts._offload
         n2_hooks = self.n2._forward_pre_hooks
+        # Every expert resident and nothing to guess: the experts in the same call (no Python between).
+        table = None if n2_hooks else e.resident_table()
+        if table is not None and table[0].shape[1] == route[0].shape[0]:
+            changes = e.table_at  # the cache's state the table was read in
+            with kernels_grouped.launch_lock:
+                x2, _, _, _, idx = attention_decode.attend_route(p, q, *kv, x, (w2, n2.eps), route, router.renorm,
+                                                                 experts=table)
+            if e.record_resident(idx, changes):
+                return torch.from_numpy(x2).view(hidden_states.shape)
+        with kernels_grouped.launch_lock:  # (again, if another thread's step changed the cache meanwhile)
+            x2, h, _, scores, idx = attention_decode.attend_route(p, q, *kv, x, (w2, n2.eps), route, router.renorm)
         if n2_hooks:  # observers of the MoE norm's input (the prefetcher's residual keeper)
             stream = (torch.from_numpy(x2).view(hidden_states.shape),)
             for hook in tuple(n2_hooks.values()):
                 hook(self.n2, stream)
-        e = self.experts._offload
         y = e.decode_step(h, idx, scores)
         if y is None:  # a layer that is not one kernel call, or a hybrid tier: the experts' own call
             y = e(torch.from_numpy(h).view(1, -1), torch.from_numpy(idx).view(1, -1),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import sys
 from importlib.util import find_spec
 
+import numpy as np
 import torch
 
 
@@ -66,6 +67,9 @@ class LayerExperts:
             self.shape = kernels_layer.layer_shape(*shapes)
             self.tag = None  # the kernel variant, read at the first call (numba loads lazily)
             self.slot_addrs: dict[int, tuple[int, int]] = {}  # slot index -> its gate_up and down tile addresses
+            # every expert's tile addresses while all are resident (resident_table), and the cache's
+            # change count they were read at
+            self.table, self.table_slots, self.table_at = None, None, -1
 
     def expert(self, x: torch.Tensor, w: dict) -> torch.Tensor:
         y = kernels.expert_forward(x, w["gate_up"], w["down"], self.fused_act,
@@ -129,6 +133,42 @@ class LayerExperts:
             return None
         self._speculate(used)
         return self._decode_call(h, used, weight_of)
+
+    def resident_table(self):
+        """(table [2, E] int64 of every expert's gate_up and down tile addresses, the layer shape)
+        when every expert of the layer is resident and loaded and nothing else decides a step's
+        experts (no prefetcher, no hybrid tier): the fused layer step then computes the experts in
+        its attention call (attention_decode.attend_route). Else None. Read again only after the
+        cache's residency changed (or while an expert is still loading)."""
+        rt = self.runtime
+        if not self.layer_call or rt.prefetcher is not None or rt.hybrid is not None or kernels.reference_mode():
+            return None
+        cache = rt.cache
+        if self.table_at == cache.changes:
+            return self.table
+        with cache.lock:
+            changes = cache.changes
+            pool = cache.pool(self.layer)
+            slots = None if len(pool.slots) < self.num_experts else cache.loaded_slots(self.layer, range(self.num_experts))
+            loading = slots is None and len(pool.slots) >= self.num_experts and all(
+                cache.contains(self.layer, e) for e in range(self.num_experts))
+        self.table_slots = slots
+        self.table = None if slots is None else (
+            np.array([self.slot_addrs.get(s.index) or self._addrs(s) for s in slots], np.int64).T.copy(), self.shape)
+        self.table_at = -1 if loading else changes  # a load completes without a change: look again
+        return self.table
+
+    def record_resident(self, index: np.ndarray, changes: int) -> bool:
+        """The bookkeeping of a step computed from resident_table() (hits, LRU order, uses), if the
+        cache's residency did not change since the table was read at `changes` (another thread's
+        step could have evicted a slot mid-call); False, with nothing recorded, if it did."""
+        cache = self.runtime.cache
+        used = sorted(index.tolist())
+        with cache.lock:
+            if cache.changes != changes:
+                return False
+            cache.record_hits(self.layer, used, [self.table_slots[e] for e in used])
+        return True
 
     def _speculate(self, used: list[int]) -> None:
         """The prefetcher's part of a step: guess the next layers from the residual stream kept before
