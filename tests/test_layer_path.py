@@ -153,7 +153,10 @@ def test_rowtile_at_2_and_8_bits_moves_the_default_group_into_its_range(tmp_path
 @pytest.mark.parametrize("family,overrides", [("mixtral", {"hidden_size": 64, "intermediate_size": 96,
                                                            "sliding_window": None}),  # (a window masks each step)
                                               ("qwen3_moe", {"hidden_size": 96, "moe_intermediate_size": 64,
-                                                             "num_experts_per_tok": 4, "num_experts": 12})])
+                                                             "num_experts_per_tok": 4, "num_experts": 12}),
+                                              ("qwen3_moe", {"hidden_size": 96, "moe_intermediate_size": 64,
+                                                             "num_experts_per_tok": 4, "num_experts": 16,
+                                                             "mlp_only_layers": []})])  # every layer MoE: stacked
 def test_the_fused_layer_step_computes_misses_and_guesses_as_the_module_call(family, overrides, tmp_path,
                                                                             monkeypatch):
     """With one-call experts and quantized dense layers, every decode step after the checks is one fused
@@ -161,8 +164,9 @@ def test_the_fused_layer_step_computes_misses_and_guesses_as_the_module_call(fam
     every expert resident, with misses at a cache of top-k, and with the prefetcher's guesses. It must
     give the module call's floats and, without guesses (whose hits depend on when reads complete), the
     same hits and misses. With every expert loaded first and no prefetcher, the experts are computed
-    in the attention call (attend_route_experts) at every fused step, with the same floats and hits."""
-    from moe_offload import _decode_jit, layer_decode
+    in the attention call (attend_route_experts) at every fused step, and once a token has shown the
+    layers' order, every later token's layers are one call (stack_decode): the same floats and hits."""
+    from moe_offload import _decode_jit, attention_decode, layer_decode
     from moe_offload.bench.mode import _load_all_experts
     from moe_offload.moe import LayerExperts
 
@@ -178,11 +182,15 @@ def test_the_fused_layer_step_computes_misses_and_guesses_as_the_module_call(fam
     real_call, real_fused = LayerExperts.__call__, layer_decode._LayerPath._fused
     monkeypatch.setattr(LayerExperts, "__call__", lambda *a: module_calls.append(1) or real_call(*a))
     monkeypatch.setattr(layer_decode._LayerPath, "_fused", lambda *a: fused_steps.append(1) or real_fused(*a))
-    in_attention, real_in_attention = [], _decode_jit.attend_route_experts
-    monkeypatch.setattr(_decode_jit, "attend_route_experts", lambda *a: in_attention.append(1) or real_in_attention(*a))
+    # (counted where Python calls them: a numba function that calls another reads it as a global)
+    in_attention, real_attend_route = [], attention_decode.attend_route
+    monkeypatch.setattr(attention_decode, "attend_route", lambda *a, **k: (
+        k.get("experts") is not None and in_attention.append(1)) or real_attend_route(*a, **k))
+    stacked, real_stack = [], _decode_jit.stack
+    monkeypatch.setattr(_decode_jit, "stack", lambda *a: stacked.append(1) or real_stack(*a))
 
     def run(fuse: bool, preload: bool = False, **options):
-        module_calls.clear(), fused_steps.clear(), in_attention.clear()
+        module_calls.clear(), fused_steps.clear(), in_attention.clear(), stacked.clear()
         model = moe_offload.load(store, **options)
         try:
             if preload:
@@ -194,7 +202,7 @@ def test_the_fused_layer_step_computes_misses_and_guesses_as_the_module_call(fam
                                  do_sample=False,
                                  output_logits=True, return_dict_in_generate=True, pad_token_id=0, eos_token_id=None)
             return (torch.stack(out.logits), model.offload_stats().as_dict(), len(module_calls), len(fused_steps),
-                    len(in_attention))
+                    len(in_attention), len(stacked))
         finally:
             model.close()
 
@@ -202,17 +210,23 @@ def test_the_fused_layer_step_computes_misses_and_guesses_as_the_module_call(fam
     for options in (dict(experts_per_layer=st.num_experts, prefetch=0), dict(experts_per_layer=st.top_k, prefetch=0),
                     dict(experts_per_layer=st.top_k + 1, prefetch=2),
                     dict(experts_per_layer=st.num_experts, prefetch=0, preload=True)):
-        fused, fused_stats, fused_calls, steps, in_attention_steps = run(True, **options)
-        unfused, unfused_stats, unfused_calls, _, unfused_in_attention = run(False, **options)
+        fused, fused_stats, fused_calls, steps, in_attention_steps, stacked_tokens = run(True, **options)
+        unfused, unfused_stats, unfused_calls, _, unfused_in_attention, unfused_stacked = run(False, **options)
         assert torch.equal(fused, unfused)
-        # a layer's first decode step checks its attention, the second the layer; every later one is fused
-        assert steps == n_moe * (STEPS - 2)
-        assert fused_calls == unfused_calls - steps  # and none of those makes the experts' module call
-        assert unfused_in_attention == 0
-        if options.get("preload"):  # (without it, a layer may become fully resident mid-way)
-            assert in_attention_steps == steps
+        # a layer's first decode step checks its attention, the second the layer; every later one is
+        # fused: layer by layer, or all layers in one call (a stacked token)
+        assert steps + n_moe * stacked_tokens == n_moe * (STEPS - 2)
+        assert fused_calls == unfused_calls - n_moe * (STEPS - 2)  # none of those makes the experts' module call
+        assert unfused_in_attention == unfused_stacked == 0
+        if options.get("preload") and n_moe < config.num_hidden_layers:  # a dense MLP layer: no stack
+            assert in_attention_steps == steps and stacked_tokens == 0
+        elif options.get("preload"):  # (without it, a layer may become fully resident mid-way)
+            # layer by layer: the first fused token (it moves the KV cache into kv_buffer's buffers)
+            # and the one that shows the layers' order; every later token stacked
+            assert in_attention_steps == steps == 2 * n_moe
+            assert stacked_tokens == STEPS - 4
         elif options["experts_per_layer"] < st.num_experts or options["prefetch"]:
-            assert in_attention_steps == 0
+            assert in_attention_steps == stacked_tokens == 0
         if not options["prefetch"]:
             assert fused_stats["hits_per_layer"] == unfused_stats["hits_per_layer"]
             assert fused_stats["misses_per_layer"] == unfused_stats["misses_per_layer"]
@@ -220,3 +234,53 @@ def test_the_fused_layer_step_computes_misses_and_guesses_as_the_module_call(fam
             assert sum(fused_stats["misses_per_layer"]) > 2 * st.top_k * n_moe  # more than the unfused steps made
         if options["prefetch"]:
             assert fused_stats["prefetch_guesses"] > 0
+
+
+def test_the_stacked_step_gives_way_to_hooks_on_the_layers(tmp_path):
+    """A hook on a decoder layer (a user's; transformers' own, installed by a request for hidden
+    states) makes every later token run layer by layer (the stack's output would be seen as every
+    layer's): what the hooks see is what they see on the unfused steps, bit for bit."""
+    from moe_offload import _decode_jit, layer_decode
+    from moe_offload.bench.mode import _load_all_experts
+
+    config = tiny_moe_config("mixtral", **{**NAMED["mixtral"], "hidden_size": 64, "intermediate_size": 96,
+                                          "sliding_window": None})
+    src = build_random_moe(tmp_path / "src", config, seed=7, tokenizer=False)
+    store = moe_offload.convert(src, tmp_path / "st", expert_bits=4, dense_bits=4, expert_format="rowtile",
+                                progress=False)
+    ids = torch.randint(3, config.vocab_size, (1, 3))
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False,
+              return_dict_in_generate=True, pad_token_id=0, eos_token_id=None)
+
+    def run(fuse: bool):
+        model = moe_offload.load(store, experts_per_layer=Store.open(store).num_experts, prefetch=0)
+        try:
+            _load_all_experts(model)
+            for m in model.modules():
+                if isinstance(getattr(m, "_decode_path", None), layer_decode._LayerPath):
+                    m._decode_path.fused = fuse
+            calls = []
+            real = _decode_jit.stack
+            _decode_jit.stack = lambda *a: calls.append(1) or real(*a)
+            seen = []
+            try:
+                plain = model.generate(ids, **kw)
+                stacked = len(calls)
+                handle = model.model.layers[1].register_forward_hook(lambda m, a, out: seen.append(out.clone()))
+                model.generate(ids, **kw)
+                handle.remove()
+                hidden = model.generate(ids, output_hidden_states=True, **kw)
+                return plain.sequences, stacked, len(calls) - stacked, seen, hidden
+            finally:
+                _decode_jit.stack = real
+        finally:
+            model.close()
+
+    seq, stacked, stacked_with_hooks, seen, hidden = run(True)
+    ref_seq, ref_stacked, _, ref_seen, ref_hidden = run(False)
+    assert stacked > 0 and stacked_with_hooks == 0 and ref_stacked == 0
+    assert torch.equal(seq, ref_seq) and torch.equal(hidden.sequences, ref_seq)
+    assert len(seen) == len(ref_seen) == STEPS and all(torch.equal(a, b) for a, b in zip(seen, ref_seen))
+    for step, ref_step in zip(hidden.hidden_states, ref_hidden.hidden_states):
+        assert len(step) == config.num_hidden_layers + 1
+        assert all(torch.equal(a, b) for a, b in zip(step, ref_step))

@@ -215,3 +215,40 @@ def attend_route_experts(tag, q, keys, values, S, scale, to, bits, group, bo, at
     off = fbuf.shape[0] - ((x.shape[0] + 15) // 16) * 16
     for i in range(x.shape[0]):
         x2[i] += fbuf[off + i]
+
+
+@njit(**_OPTS)
+def stack(tag, x, cos, sin, n, n1w, n1eps, tq, tk, tv, bq, bk, bv, qn, kn, bits_groups, qk_eps, to, bo, scale,
+          heads, kv_heads, hd, n2w, n2eps, rw, rb, k, renorm, tables, meta, inter, bbuf, fbuf, counters, addrs,
+          nthreads, knp, vnp, idx_out):
+    """Every decoder layer of one decode token, in order, as layer_decode's fused step computes each
+    with its experts resident (norm_qkv, the new key and value written at position n of the layer's
+    buffers, attend_route_experts): x [H] is the first layer's input and becomes the last one's
+    output. Per layer l: the lists' l-th arrays, n1eps/n2eps/qk_eps[l], bits_groups[l] = (q/k/v bits,
+    group, o bits, group); idx_out[l] = the layer's top-k experts."""
+    yq = np.empty(tq[0].shape[0] * 16, np.float32)
+    yk = np.empty(tk[0].shape[0] * 16, np.float32)
+    yv = np.empty(tv[0].shape[0] * 16, np.float32)
+    y = np.empty(to[0].shape[0] * 16, np.float32)
+    att = np.empty(heads * hd, np.float32)
+    h = np.empty_like(x)
+    h2 = np.empty_like(x)
+    x2 = np.empty_like(x)
+    logits = np.empty(rw[0].shape[0], np.float32)
+    scores = np.empty(k, np.float32)
+    idx = np.empty(k, np.int64)
+    wts = np.empty(k, np.float32)
+    for layer in range(len(tq)):
+        bg = bits_groups[layer]
+        norm_qkv(tag, x, n1w[layer], n1eps[layer], h, bg[0], bg[1], tq[layer], tk[layer], tv[layer], yq, yk, yv,
+                 heads, kv_heads, hd, bq[layer], bk[layer], bv[layer], qn[layer], kn[layer], qk_eps[layer], cos, sin)
+        keys, values = knp[layer], vnp[layer]
+        for a in range(kv_heads):
+            for d in range(hd):
+                keys[a, n, d] = yk[a * hd + d]
+                values[a, n, d] = yv[a * hd + d]
+        attend_route_experts(tag, yq[:heads * hd], keys, values, n + 1, scale, to[layer], bg[2], bg[3], bo[layer],
+                             att, y, x, x2, n2w[layer], n2eps[layer], h2, rw[layer], rb[layer], k, renorm, logits,
+                             scores, idx, tables[layer], wts, meta, inter, bbuf, fbuf, counters, addrs, nthreads)
+        idx_out[layer] = idx
+        x[:] = x2

@@ -47,10 +47,25 @@ def append(layer, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray,
     n = buf.length
     buf.knp[:, n] = k.reshape(buf.knp.shape[0], -1)
     buf.vnp[:, n] = v.reshape(buf.vnp.shape[0], -1)
-    buf.length = n + 1
-    layer.keys = buf.kview = buf.keys.narrow(2, 0, n + 1)
-    layer.values = buf.vview = buf.values.narrow(2, 0, n + 1)
+    advance(layer, buf)
     return buf.knp, buf.vnp, n + 1
+
+
+def current(layer) -> _Buffer | None:
+    """The layer's buffer if it still holds what the layer shows and has room for one more position
+    (a caller that writes position `length` itself, then calls advance)."""
+    buf = layer.__dict__.get(_ATTR)
+    if buf is None or layer.keys is not buf.kview or layer.values is not buf.vview or buf.length >= buf.knp.shape[1]:
+        return None
+    return buf
+
+
+def advance(layer, buf: _Buffer) -> None:
+    """The position written at buf.length becomes part of the layer's keys and values."""
+    n = buf.length + 1
+    buf.length = n
+    layer.keys = buf.kview = buf.keys.narrow(2, 0, n)
+    layer.values = buf.vview = buf.values.narrow(2, 0, n)
 
 
 def _adopt(layer, k: np.ndarray, v: np.ndarray) -> _Buffer | None:

@@ -31,20 +31,24 @@ from .attention_decode import _DecodePath
 from .decode_path import take_forward
 from .norm_decode import _NormPath
 from .router_decode import _RouterPath
+from .stack_decode import StackRunner
 
 _CHILDREN = {"input_layernorm", "self_attn", "post_attention_layernorm", "mlp"}
 
 
 def install(model: nn.Module) -> int:
-    n = 0
+    paths = []
     for module in model.modules():
         kids = dict(module.named_children())
         if (kids.keys() == _CHILDREN and isinstance(getattr(kids["self_attn"], "_decode_path", None), _DecodePath)
                 and all(isinstance(getattr(kids[k], "_decode_path", None), _NormPath)
                         for k in ("input_layernorm", "post_attention_layernorm"))):
-            _LayerPath(module)
-            n += 1
-    return n
+            paths.append(_LayerPath(module))
+    if paths and all(p.router is not None for p in paths):  # MoE layers only: one call can take them all
+        runner = StackRunner(paths)
+        for p in paths:
+            p.runner = runner
+    return len(paths)
 
 
 def _hooked(module: nn.Module) -> bool:
@@ -72,6 +76,7 @@ class _LayerPath:
         self.verified: bool | None = None
         self.plain_block = False  # whether the check saw the block compute experts(h, router(h))
         self.fused = True  # False: never the fused step (tests compare it with the unfused one)
+        self.runner = None  # the model's stack_decode.StackRunner, if it has one
         take_forward(layer, self)
 
     def _ready(self, hidden_states, kwargs) -> bool:
@@ -84,6 +89,18 @@ class _LayerPath:
                 and not torch.nn.modules.module._global_forward_pre_hooks)
 
     def __call__(self, hidden_states, *args, **kwargs):
+        runner = self.runner
+        if runner is None:
+            return self._call(hidden_states, *args, **kwargs)
+        out = runner.call(self, hidden_states, args, kwargs)
+        if out is not None:
+            return out
+        out = self._call(hidden_states, *args, **kwargs)
+        if runner.watch is not None:
+            runner.saw(self, hidden_states, kwargs, out)
+        return out
+
+    def _call(self, hidden_states, *args, **kwargs):
         if self.verified is False or args or not self._ready(hidden_states, kwargs):
             return self.original(hidden_states, *args, **kwargs)
         if self.verified is None:

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import attention_decode, kernels, kernels_int4pack, layer_decode, memory, moe, norm_decode, router_decode, tiers
+from . import (attention_decode, kernels, kernels_int4pack, layer_decode, memory, moe, norm_decode, router_decode,
+               stack_decode, tiers)
 from .archs import MoeSpec, build_meta_model, describe
 from .cache import ExpertCache
 from .config import OffloadConfig, format_size, parse_size
@@ -263,6 +264,7 @@ def load(store: str | os.PathLike, *, device: str = "cpu", expert_cache: int | s
             kernels_layer.warm_up()  # every run calls them; the first load costs ~0.5 s (LLVM), a compile 10 s or more
             if fast_decode:
                 attention_decode.warm_up()
+                stack_decode.warm_up()
         if prompt_rows is None or prompt_rows >= kernels_int4pack.PREFILL_ROWS:
             kernels_int4pack.warm_up(int4pack_shapes)
         if "numba" in sys.modules:  # LLVM's library pages served the kernels' loading only

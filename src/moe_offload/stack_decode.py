@@ -1,0 +1,208 @@
+"""A decode token's whole decoder stack in one kernel call.
+
+When every decoder layer takes layer_decode's fused step with all its experts resident (no
+prefetcher: the bench's `resident`, or a cache that holds every expert), what separates a token
+from its kernels' time is the Python between and around those steps: module calls, argument
+checks, the KV and the cache's bookkeeping (~140 µs a layer on qwen3-quarter, measured). Here the
+first layer's call computes every layer (_decode_jit.stack: the same kernels in the same order as
+the fused steps, so the same floats), and each later layer's call hands that result on.
+
+It is taken only after one token showed that the model calls these layers one after another, each
+on the previous one's output, with one set of position embeddings (checked once, as each layer
+checks its own composition), and only for a token where every layer would take the resident fused
+step. The new KV positions are made visible and the cache's hits recorded after the call, so a
+token it cannot finish (another thread changed the cache meanwhile) is computed again, unseen, by
+the layers' own steps.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from transformers.cache_utils import DynamicLayer
+
+from . import kernels_grouped, kernels_layer, kv_buffer
+from .decode_path import jit
+
+
+class StackRunner:
+    def __init__(self, paths: list):
+        self.paths = paths  # the fused layer paths (layer_decode._LayerPath), in the model's order
+        self.enabled: bool | None = None  # None until a token's calls were watched
+        self.watch: list | None = None  # during that token: (path, position embeddings, output) per call
+        self.pending: tuple | None = None  # (the stack's output, index of the next layer to hand it to)
+        self.static_key, self.static = None, None  # per-layer arrays as the kernel takes them
+        self.kv_key, self.kv = None, None  # the layers' KV buffers, likewise
+
+    def call(self, path, hidden_states, args, kwargs):
+        """`path`'s output if the runner gives it (the stack's, or handing it on), else None."""
+        pending = self.pending
+        if pending is not None:
+            out, i = pending
+            self.pending = (out, i + 1) if i + 1 < len(self.paths) else None
+            if path is not self.paths[i] or hidden_states is not out or args:
+                self.pending = None  # not what the watched token showed: nothing can redo the stack's step now
+                raise RuntimeError("moe-offload: the decoder layers were not called in the order a decode token "
+                                   "called them before; the stacked decode step cannot be handed on")
+            return out
+        if path is not self.paths[0] or self.enabled is False:
+            return None
+        self.watch = None
+        got = self._inputs(hidden_states, args, kwargs)
+        if got is None:
+            return None
+        if self.enabled is None:
+            self.watch = []  # this token's layer calls show whether the stack may be taken
+            return None
+        return self._run(hidden_states, *got)
+
+    def saw(self, path, hidden_states, kwargs, out) -> None:
+        """A watched token's layer call: the stack is taken from the next token on if the calls were
+        the paths in order, each on the previous output, with the same position embeddings."""
+        w, i = self.watch, len(self.watch)
+        pe = kwargs.get("position_embeddings")
+        if (i >= len(self.paths) or path is not self.paths[i] or (i and (hidden_states is not w[-1][2] or pe is not w[0][1]))
+                or kwargs.get("attention_mask") is not None or not isinstance(out, torch.Tensor)):
+            self.watch, self.enabled = None, False
+            return
+        w.append((path, pe, out))
+        if len(w) == len(self.paths):
+            self.watch, self.enabled = None, True
+
+    def _inputs(self, hidden_states, args, kwargs):
+        """(cos, sin, position, per-layer state, cache change count) if every layer would take the
+        resident fused step on this token, else None."""
+        first = self.paths[0]
+        if args or not first._ready(hidden_states, kwargs) or not hidden_states.is_contiguous():
+            return None
+        got = first.attn._decode_path.inputs(hidden_states, (), kwargs)
+        if got is None:
+            return None
+        _, cache, cos, sin = got
+        layers, n, runtime = [], None, None
+        for path in self.paths:
+            a, n1, n2, r = path.attn._decode_path, path.n1, path.n2, path.router
+            m = path.module  # hooks on a layer would see the stack's output as every layer's
+            if (path.verified is not True or not path.fused or m.training or m._forward_hooks or m._forward_pre_hooks
+                    or not path._fusable() or n2._forward_pre_hooks or a.verified is not True or n1._decode_path.verified is not True
+                    or n2._decode_path.verified is not True):
+                return None
+            p = a.plan
+            w1, w2, route = n1._decode_path.weight(), n2._decode_path.weight(), r._decode_path.current()
+            e = path.experts._offload
+            table = e.resident_table()
+            if (p is None or not p.current(a.module) or w1 is None or w2 is None or route is None or table is None
+                    or table[0].shape[1] != route[0].shape[0] or a.layer_idx >= len(cache.layers)):
+                return None
+            layer = cache.layers[a.layer_idx]
+            buf = kv_buffer.current(layer) if type(layer) is DynamicLayer else None
+            if buf is None or buf.width != p.kv_heads * p.head_dim or (n is not None and buf.length != n):
+                return None
+            n, runtime = buf.length, e.runtime
+            layers.append((path, p, w1, n1._decode_path.eps, w2, n2._decode_path.eps, route,
+                           r._decode_path.renorm, e, table, layer, buf))
+        changes = runtime.cache.changes
+        if any(s[8].table_at != changes for s in layers):
+            return None
+        return cos, sin, n, layers, changes
+
+    def _arrays(self, layers):
+        """The per-layer arrays and scalars of _decode_jit.stack, rebuilt when any layer's changed;
+        None if the layers differ in what the kernel takes as one (heads, top-k, expert shape...)."""
+        key = tuple(id(o) for s in layers for o in (s[1], s[2], s[4], s[6], s[9]))
+        if key != self.static_key:
+            self.static_key, self.static = key, _static(layers)
+            self.static_refs = layers  # (the ids in the key stay those objects' while they are held)
+        ks = tuple(id(s[11].knp) for s in layers)
+        if ks != self.kv_key:
+            self.kv_key, self.kv = ks, (_typed([s[11].knp for s in layers]), _typed([s[11].vnp for s in layers]))
+            self.kv_refs = [s[11] for s in layers]
+        return self.static
+
+    def _run(self, hidden_states, cos, sin, n, layers, changes):
+        static = self._arrays(layers)
+        if static is None:
+            return None
+        lists, scalars, (H, inter, meta), k = static
+        x = hidden_states.numpy().reshape(-1).copy()
+        idx = np.empty((len(layers), k), np.int64)
+        nthreads = kernels_layer._threads(None)
+        bbuf, fbuf, counters, addrs = kernels_layer._workspace(H, inter, k, meta[1], meta[4], nthreads)
+        p0 = layers[0][1]
+        with kernels_grouped.launch_lock:
+            jit().stack(p0.tag, x, cos, sin, n, lists[0], scalars[0], *lists[1:9], scalars[1], scalars[2], lists[9],
+                        lists[10], np.float32(p0.scale), p0.heads, p0.kv_heads, p0.head_dim, lists[11], scalars[3],
+                        lists[12], lists[13], k, scalars[4], lists[14], meta, inter, bbuf, fbuf, counters, addrs,
+                        nthreads, *self.kv, idx)
+        cache = layers[0][8].runtime.cache
+        with cache.lock:
+            if cache.changes != changes:
+                return None  # no position was made visible: the layers' own steps compute this token
+            for s, row in zip(layers, idx):
+                used = sorted(row.tolist())
+                cache.record_hits(s[8].layer, used, [s[8].table_slots[u] for u in used])
+        for s in layers:
+            kv_buffer.advance(s[10], s[11])
+        out = torch.from_numpy(x).view(hidden_states.shape)
+        self.pending = (out, 1) if len(layers) > 1 else None
+        return out
+
+
+def _typed(arrays):
+    from numba.typed import List
+
+    out = List()
+    for a in arrays:
+        out.append(a)
+    return out
+
+
+def _static(layers):
+    """(typed lists, scalars, expert shape, top-k) for _decode_jit.stack; None if the layers differ
+    in a size the kernel takes once."""
+    p0, (_, _, k0), e0 = layers[0][1], layers[0][6], layers[0][8]
+    for (_, p, _, _, _, _, route, renorm, e, _, _, _) in layers:
+        q, o = p.qms[0], p.qms[3]
+        if ((p.heads, p.kv_heads, p.head_dim, np.float32(p.scale), p.tag.dtype) != (p0.heads, p0.kv_heads,
+                p0.head_dim, np.float32(p0.scale), p0.tag.dtype) or route[2] != k0 or renorm != layers[0][7]
+                or e.shape[:2] != e0.shape[:2] or not np.array_equal(e.shape[2], e0.shape[2])
+                or p.tiles[0].shape[0] != p0.tiles[0].shape[0] or p.tiles[1].shape[0] != p0.tiles[1].shape[0]
+                or p.tiles[2].shape[0] != p0.tiles[2].shape[0] or p.tiles[3].shape[0] != p0.tiles[3].shape[0]):
+            return None
+    col = lambda f: _typed([np.ascontiguousarray(f(s)) for s in layers])
+    lists = (col(lambda s: s[2]),  # n1 weight
+             col(lambda s: s[1].tiles[0]), col(lambda s: s[1].tiles[1]), col(lambda s: s[1].tiles[2]),
+             col(lambda s: s[1].biases[0]), col(lambda s: s[1].biases[1]), col(lambda s: s[1].biases[2]),
+             col(lambda s: s[1].norms[0]), col(lambda s: s[1].norms[1]),
+             col(lambda s: s[1].tiles[3]), col(lambda s: s[1].biases[3]),
+             col(lambda s: s[4]),  # n2 weight
+             col(lambda s: s[6][0]), col(lambda s: s[6][1]),  # router weight, bias
+             col(lambda s: s[9][0]))  # expert tables
+    scalars = (np.array([s[3] for s in layers], np.float64),  # the norms' eps as their paths pass them
+               np.array([(s[1].qms[0].bits, s[1].qms[0].group, s[1].qms[3].bits, s[1].qms[3].group) for s in layers],
+                        np.int64),
+               np.array([s[1].eps for s in layers], np.float32),
+               np.array([s[5] for s in layers], np.float64),
+               bool(layers[0][7]))
+    return lists, (scalars[0], scalars[1], scalars[2], scalars[3], scalars[4]), e0.shape, int(k0)
+
+
+def warm_up() -> None:
+    """Load (the first time: compile) the stack kernel on one tiny layer with the argument types of
+    real calls (attention_decode.warm_up's tiny attention, router and expert)."""
+    from .attention_decode import _empty, _tiny_plan
+
+    p = _tiny_plan()
+    gu = kernels_layer.quantize_rowtile(torch.ones(64, 32), 4, 32, optimize=False)
+    dn = kernels_layer.quantize_rowtile(torch.ones(32, 32), 4, 32, optimize=False)
+    H, inter, meta = kernels_layer.layer_shape(gu, dn)
+    table = np.array([[gu.tensors["tiles"].data_ptr()] * 4, [dn.tensors["tiles"].data_ptr()] * 4], np.int64)
+    one = lambda a: _typed([a])
+    w, kv = np.ones(32, np.float32), (np.zeros((1, 4, 32), np.float32), np.zeros((1, 4, 32), np.float32))
+    nthreads = kernels_layer._threads(None)
+    bbuf, fbuf, counters, addrs = kernels_layer._workspace(H, inter, 2, meta[1], meta[4], nthreads)
+    jit().stack(p.tag, np.ones(32, np.float32), np.ones(32, np.float32), np.zeros(32, np.float32), 0, one(w),
+                np.full(1, 1e-6), one(p.tiles[0]), one(p.tiles[1]), one(p.tiles[2]), one(_empty()), one(_empty()),
+                one(_empty()), one(_empty()), one(_empty()), np.array([[4, 32, 4, 32]], np.int64),
+                np.full(1, 1e-6, np.float32), one(p.tiles[3]), one(_empty()), np.float32(p.scale), 1, 1, 32, one(w),
+                np.full(1, 1e-6), one(np.ones((4, 32), np.float32)), one(_empty()), 2, True, one(table), meta, inter,
+                bbuf, fbuf, counters, addrs, nthreads, one(kv[0]), one(kv[1]), np.empty((1, 2), np.int64))
