@@ -284,3 +284,51 @@ def test_the_stacked_step_gives_way_to_hooks_on_the_layers(tmp_path):
     for step, ref_step in zip(hidden.hidden_states, ref_hidden.hidden_states):
         assert len(step) == config.num_hidden_layers + 1
         assert all(torch.equal(a, b) for a, b in zip(step, ref_step))
+
+
+def test_two_threads_decode_stacked_with_one_model(tmp_path):
+    """The stacked step keeps its hand-on state per thread: two generations running at once, each
+    stacked, give what each gives alone."""
+    import sys
+    import threading
+
+    from moe_offload import _decode_jit
+    from moe_offload.bench.mode import _load_all_experts
+
+    config = tiny_moe_config("qwen3_moe", **{**NAMED["qwen3_moe"], "hidden_size": 96, "moe_intermediate_size": 64,
+                                            "num_experts_per_tok": 4, "num_experts": 16, "mlp_only_layers": []})
+    src = build_random_moe(tmp_path / "src", config, seed=3, tokenizer=False)
+    store = moe_offload.convert(src, tmp_path / "st", expert_bits=4, dense_bits=4, expert_format="rowtile",
+                                progress=False)
+    model = moe_offload.load(store, experts_per_layer=Store.open(store).num_experts, prefetch=0)
+    calls, real = [], _decode_jit.stack
+    _decode_jit.stack = lambda *a: calls.append(1) or real(*a)
+    try:
+        _load_all_experts(model)
+        prompts = [torch.randint(3, config.vocab_size, (1, 5), generator=torch.Generator().manual_seed(s)) for s in (1, 2)]
+        kw = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=None,
+                  output_logits=True, return_dict_in_generate=True, attention_mask=torch.ones(1, 5, dtype=torch.long))
+        alone = [model.generate(p, **kw) for p in prompts]
+        before = len(calls)
+        together = [None, None]
+
+        def run(i):
+            for _ in range(3):
+                together[i] = model.generate(prompts[i], **kw)
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(1e-6)  # switch threads often: between a token's layers too
+        try:
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        finally:
+            sys.setswitchinterval(interval)
+        assert before > 0 and len(calls) > before
+        for a, b in zip(alone, together):
+            assert torch.equal(a.sequences, b.sequences)
+            assert all(torch.equal(x, y) for x, y in zip(a.logits, b.logits))
+    finally:
+        _decode_jit.stack = real
+        model.close()

@@ -96,7 +96,7 @@ class _LayerPath:
         if out is not None:
             return out
         out = self._call(hidden_states, *args, **kwargs)
-        if runner.watch is not None:
+        if runner.watching():
             runner.saw(self, hidden_states, kwargs, out)
         return out
 

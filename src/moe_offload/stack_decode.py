@@ -16,6 +16,8 @@ the layers' own steps.
 """
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import torch
 from transformers.cache_utils import DynamicLayer
@@ -28,45 +30,52 @@ class StackRunner:
     def __init__(self, paths: list):
         self.paths = paths  # the fused layer paths (layer_decode._LayerPath), in the model's order
         self.enabled: bool | None = None  # None until a token's calls were watched
-        self.watch: list | None = None  # during that token: (path, position embeddings, output) per call
-        self.pending: tuple | None = None  # (the stack's output, index of the next layer to hand it to)
+        # per thread (two threads may decode with one model, each with its own cache):
+        # watch: during the watched token, (path, position embeddings, output) per call;
+        # pending: (the stack's output, index of the next layer to hand it to)
+        self.local = threading.local()
         self.static_key, self.static = None, None  # per-layer arrays as the kernel takes them
         self.kv_key, self.kv = None, None  # the layers' KV buffers, likewise
 
     def call(self, path, hidden_states, args, kwargs):
         """`path`'s output if the runner gives it (the stack's, or handing it on), else None."""
-        pending = self.pending
+        local = self.local
+        pending = getattr(local, "pending", None)
         if pending is not None:
             out, i = pending
-            self.pending = (out, i + 1) if i + 1 < len(self.paths) else None
+            local.pending = (out, i + 1) if i + 1 < len(self.paths) else None
             if path is not self.paths[i] or hidden_states is not out or args:
-                self.pending = None  # not what the watched token showed: nothing can redo the stack's step now
+                local.pending = None  # not what the watched token showed: nothing can redo the stack's step now
                 raise RuntimeError("moe-offload: the decoder layers were not called in the order a decode token "
                                    "called them before; the stacked decode step cannot be handed on")
             return out
         if path is not self.paths[0] or self.enabled is False:
             return None
-        self.watch = None
+        local.watch = None
         got = self._inputs(hidden_states, args, kwargs)
         if got is None:
             return None
         if self.enabled is None:
-            self.watch = []  # this token's layer calls show whether the stack may be taken
+            local.watch = []  # this token's layer calls show whether the stack may be taken
             return None
         return self._run(hidden_states, *got)
+
+    def watching(self) -> bool:
+        return getattr(self.local, "watch", None) is not None
 
     def saw(self, path, hidden_states, kwargs, out) -> None:
         """A watched token's layer call: the stack is taken from the next token on if the calls were
         the paths in order, each on the previous output, with the same position embeddings."""
-        w, i = self.watch, len(self.watch)
+        w = self.local.watch
+        i = len(w)
         pe = kwargs.get("position_embeddings")
         if (i >= len(self.paths) or path is not self.paths[i] or (i and (hidden_states is not w[-1][2] or pe is not w[0][1]))
                 or kwargs.get("attention_mask") is not None or not isinstance(out, torch.Tensor)):
-            self.watch, self.enabled = None, False
+            self.local.watch, self.enabled = None, False
             return
         w.append((path, pe, out))
         if len(w) == len(self.paths):
-            self.watch, self.enabled = None, True
+            self.local.watch, self.enabled = None, True
 
     def _inputs(self, hidden_states, args, kwargs):
         """(cos, sin, position, per-layer state, cache change count) if every layer would take the
@@ -143,7 +152,7 @@ class StackRunner:
         for s in layers:
             kv_buffer.advance(s[10], s[11])
         out = torch.from_numpy(x).view(hidden_states.shape)
-        self.pending = (out, 1) if len(layers) > 1 else None
+        self.local.pending = (out, 1) if len(layers) > 1 else None
         return out
 
 
