@@ -16,6 +16,7 @@ the layers' own steps.
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import numpy as np
@@ -154,6 +155,20 @@ class StackRunner:
         out = torch.from_numpy(x).view(hidden_states.shape)
         self.local.pending = (out, 1) if len(layers) > 1 else None
         return out
+
+
+@contextlib.contextmanager
+def layer_by_layer(model):
+    """Within: the model's tokens run layer by layer (as every token of a cache that misses does)."""
+    runners = {r for m in model.modules() if (r := getattr(getattr(m, "_decode_path", None), "runner", None))}
+    before = {r: r.enabled for r in runners}
+    for r in runners:
+        r.enabled = False
+    try:
+        yield
+    finally:
+        for r, enabled in before.items():
+            r.enabled = enabled
 
 
 def _typed(arrays):

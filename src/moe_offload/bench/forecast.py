@@ -56,7 +56,7 @@ class Forecast:
         hit, groups = self.expected_misses(mode)
         slots = self.slots_per_layer(mode) if hit < 1 else None
         disk = blob_read_rate(self.st, groups, limit=DISK_SAMPLE, slots_per_layer=slots) if hit < 1 else 0
-        compute = self.timing.seconds_per_token
+        compute = self.timing.compute(hit >= 1)
         misses, read, tps = decode_rate(self.st, hit, compute, disk) if disk else (0.0, 0.0, 1 / compute)
         return {"decode_tokens_per_s": round(tps, 3), "hit_rate": round(hit, 4), "compute_seconds_per_token": compute,
                 "read_seconds_per_token": read, "expert_reads_per_token": misses, "disk_bytes_per_s": disk,

@@ -77,6 +77,13 @@ class Timing:
     tokens: int  # per prompt
     prompts: tuple[str, ...]
     steps: object  # routing.Steps of a second, traced run of the same prompts
+    # the same turns layer by layer: a cache that misses never takes the stacked step (stack_decode)
+    seconds_per_token_layered: float | None = None
+
+    def compute(self, all_resident: bool) -> float:
+        """Seconds of compute a decode token takes with every expert resident, or with misses."""
+        return self.seconds_per_token if all_resident or self.seconds_per_token_layered is None \
+            else self.seconds_per_token_layered
 
 
 def time_decode(store: Store, tokens: int = 64, prompts=(TIMING_PROMPT,)) -> Timing:
@@ -88,6 +95,7 @@ def time_decode(store: Store, tokens: int = 64, prompts=(TIMING_PROMPT,)) -> Tim
     import torch
     from transformers import AutoTokenizer
 
+    from .. import stack_decode
     from ..engine import chat_prompt_ids
     from ..model import load
     from ..routing import Steps
@@ -96,6 +104,7 @@ def time_decode(store: Store, tokens: int = 64, prompts=(TIMING_PROMPT,)) -> Tim
     prompts = (prompts,) if isinstance(prompts, str) else tuple(prompts)
     model = load(store.path, experts_per_layer=store.num_experts, prefetch=0)
     try:
+        model.offload_warm_up()  # kernels load (or compile) on first use: not inside the timed turns
         tok = AutoTokenizer.from_pretrained(store.path, local_files_only=True)
         turns = [torch.tensor([chat_prompt_ids(tok, [{"role": "user", "content": p}]) if tok.chat_template
                                else tok(p).input_ids]) for p in prompts]
@@ -113,6 +122,11 @@ def time_decode(store: Store, tokens: int = 64, prompts=(TIMING_PROMPT,)) -> Tim
         for ids in turns:
             generate(ids, tokens)
         d = stats.as_dict()
+        stats.reset()
+        with stack_decode.layer_by_layer(model):
+            for ids in turns:
+                generate(ids, tokens)
+        layered = stats.as_dict()
         recorder = TraceRecorder(model, depth=1)
         try:
             for i, ids in enumerate(turns):
@@ -121,7 +135,8 @@ def time_decode(store: Store, tokens: int = 64, prompts=(TIMING_PROMPT,)) -> Tim
         finally:
             recorder.close()
         steps = Steps(recorder.trace({}))
-        return Timing(d["seconds_decode"] / max(1, d["tokens_decode"]), tokens, prompts, steps)
+        return Timing(d["seconds_decode"] / max(1, d["tokens_decode"]), tokens, prompts, steps,
+                      layered["seconds_decode"] / max(1, layered["tokens_decode"]))
     finally:
         model.close()
 
@@ -151,12 +166,6 @@ def plan(store_path, ram: int, *, disk_read: float | None = None, trace=None, me
         timing = time_decode(store, PLAN_TOKENS, PROMPTS)
     else:
         timing = None
-    if timing is not None:
-        compute, csource = timing.seconds_per_token, "timed decode, every expert resident"
-    else:
-        from ..bench.roofline import ram_bandwidth
-
-        compute, csource = estimate_compute(store, ram_bandwidth(256 << 20)), "bytes / RAM bandwidth"
     groups = None  # how the misses group per layer step; None: top-k, every expert missed
     if not fits:
         hit, source = 0.0, "does not fit"
@@ -168,6 +177,13 @@ def plan(store_path, ram: int, *, disk_read: float | None = None, trace=None, me
                                  f"{timing.tokens} tokens)")
     else:
         hit, source = slots / E, "slots / experts (no trace: routing without locality)"
+    if timing is not None:
+        compute, csource = timing.compute(hit >= 1), ("timed decode, every expert resident" + (
+            "" if hit >= 1 else ", layer by layer (as a cache that misses runs)"))
+    else:
+        from ..bench.roofline import ram_bandwidth
+
+        compute, csource = estimate_compute(store, ram_bandwidth(256 << 20)), "bytes / RAM bandwidth"
     if disk_read is None:
         from ..bench.roofline import blob_read_rate
 
