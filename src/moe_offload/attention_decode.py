@@ -152,7 +152,7 @@ def attend_route(plan: _Plan, q: np.ndarray, keys: np.ndarray, values: np.ndarra
     it over the first `length` positions of keys/values [KV, >= length, hd], the residual x + y, its
     RMSNorm with norm = (weight, eps), and a top-k router = (weight, bias or empty, k) on that.
     Returns (x + y, its norm, router logits [E], top-k weights [k], indices [k]).
-    With experts = (table [2, E] int64, layer shape): the tile addresses of every expert of the
+    With experts = (table [2, E] int64, layer shape, ...): the tile addresses of every expert of the
     layer (all resident) and their kernels_layer.layer_shape(); the routed experts are then
     computed in the same call (the plan's kernel variant) and added into the returned x + y, with
     the floats of moe.LayerExperts' one kernel call."""
@@ -170,7 +170,7 @@ def attend_route(plan: _Plan, q: np.ndarray, keys: np.ndarray, values: np.ndarra
     if experts is None:
         jit().attend_route(*args)
         return x2, h, logits, scores, idx
-    table, (H, inter, meta) = experts
+    table, (H, inter, meta) = experts[0], experts[1]
     if table.shape != (2, rw.shape[0]) or table.dtype != np.int64 or H != x.shape[0]:
         raise ValueError(f"expert table {table.shape} for a router of {rw.shape[0]} experts, experts of hidden {H}")
     nthreads = kernels_layer._threads(None)

@@ -149,11 +149,10 @@ class _LayerPath:
         # Every expert resident and nothing to guess: the experts in the same call (no Python between).
         table = None if n2_hooks else e.resident_table()
         if table is not None and table[0].shape[1] == route[0].shape[0]:
-            changes = e.table_at  # the cache's state the table was read in
             with kernels_grouped.launch_lock:
                 x2, _, _, _, idx = attention_decode.attend_route(p, q, *kv, x, (w2, n2.eps), route, router.renorm,
                                                                  experts=table)
-            if e.record_resident(idx, changes):
+            if e.record_resident(idx, table):
                 return torch.from_numpy(x2).view(hidden_states.shape)
         with kernels_grouped.launch_lock:  # (again, if another thread's step changed the cache meanwhile)
             x2, h, _, scores, idx = attention_decode.attend_route(p, q, *kv, x, (w2, n2.eps), route, router.renorm)

@@ -69,7 +69,7 @@ class LayerExperts:
             self.slot_addrs: dict[int, tuple[int, int]] = {}  # slot index -> its gate_up and down tile addresses
             # every expert's tile addresses while all are resident (resident_table), and the cache's
             # change count they were read at
-            self.table, self.table_slots, self.table_at = None, None, -1
+            self.table, self.table_at = None, -1
 
     def expert(self, x: torch.Tensor, w: dict) -> torch.Tensor:
         y = kernels.expert_forward(x, w["gate_up"], w["down"], self.fused_act,
@@ -135,8 +135,8 @@ class LayerExperts:
         return self._decode_call(h, used, weight_of)
 
     def resident_table(self):
-        """(table [2, E] int64 of every expert's gate_up and down tile addresses, the layer shape)
-        when every expert of the layer is resident and loaded and nothing else decides a step's
+        """(table [2, E] int64 of every expert's gate_up and down tile addresses, the layer shape,
+        the cache's change count it was read at, the slots) when every expert of the layer is resident and loaded and nothing else decides a step's
         experts (no prefetcher, no hybrid tier): the fused layer step then computes the experts in
         its attention call (attention_decode.attend_route). Else None. Read again only after the
         cache's residency changed (or while an expert is still loading)."""
@@ -152,23 +152,26 @@ class LayerExperts:
             slots = None if len(pool.slots) < self.num_experts else cache.loaded_slots(self.layer, range(self.num_experts))
             loading = slots is None and len(pool.slots) >= self.num_experts and all(
                 cache.contains(self.layer, e) for e in range(self.num_experts))
-        self.table_slots = slots
         self.table = None if slots is None else (
-            np.array([self.slot_addrs.get(s.index) or self._addrs(s) for s in slots], np.int64).T.copy(), self.shape)
+            np.array([self.slot_addrs.get(s.index) or self._addrs(s) for s in slots], np.int64).T.copy(), self.shape,
+            changes, slots)
         self.table_at = -1 if loading else changes  # a load completes without a change: look again
         return self.table
 
-    def record_resident(self, index: np.ndarray, changes: int) -> bool:
-        """The bookkeeping of a step computed from resident_table() (hits, LRU order, uses), if the
-        cache's residency did not change since the table was read at `changes` (another thread's
-        step could have evicted a slot mid-call); False, with nothing recorded, if it did."""
+    def record_resident(self, index: np.ndarray, table) -> bool:
+        """The bookkeeping of a step computed from resident_table()'s `table` (hits, LRU order,
+        uses), if the cache's residency did not change since it was read (another thread's step
+        could have evicted a slot mid-call); False, with nothing recorded, if it did."""
         cache = self.runtime.cache
-        used = sorted(index.tolist())
         with cache.lock:
-            if cache.changes != changes:
+            if cache.changes != table[2]:
                 return False
-            cache.record_hits(self.layer, used, [self.table_slots[e] for e in used])
+            self.record_resident_locked(index, table)
         return True
+
+    def record_resident_locked(self, index: np.ndarray, table) -> None:
+        used = sorted(index.tolist())
+        self.runtime.cache.record_hits(self.layer, used, [table[3][e] for e in used])
 
     def _speculate(self, used: list[int]) -> None:
         """The prefetcher's part of a step: guess the next layers from the residual stream kept before

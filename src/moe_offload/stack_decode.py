@@ -111,7 +111,7 @@ class StackRunner:
             layers.append((path, p, w1, n1._decode_path.eps, w2, n2._decode_path.eps, route,
                            r._decode_path.renorm, e, table, layer, buf))
         changes = runtime.cache.changes
-        if any(s[8].table_at != changes for s in layers):
+        if any(s[9][2] != changes for s in layers):
             return None
         return cos, sin, n, layers, changes
 
@@ -148,8 +148,7 @@ class StackRunner:
             if cache.changes != changes:
                 return None  # no position was made visible: the layers' own steps compute this token
             for s, row in zip(layers, idx):
-                used = sorted(row.tolist())
-                cache.record_hits(s[8].layer, used, [s[8].table_slots[u] for u in used])
+                s[8].record_resident_locked(row, s[9])
         for s in layers:
             kv_buffer.advance(s[10], s[11])
         out = torch.from_numpy(x).view(hidden_states.shape)
