@@ -33,10 +33,10 @@ class StackRunner:
         self.enabled: bool | None = None  # None until a token's calls were watched
         # per thread (two threads may decode with one model, each with its own cache):
         # watch: during the watched token, (path, position embeddings, output) per call;
-        # pending: (the stack's output, index of the next layer to hand it to)
+        # pending: (the stack's output, index of the next layer to hand it to);
+        # kv: (key, the KV buffers of the thread's cache as the kernel takes them, the buffers)
         self.local = threading.local()
-        self.static_key, self.static = None, None  # per-layer arrays as the kernel takes them
-        self.kv_key, self.kv = None, None  # the layers' KV buffers, likewise
+        self.static = (None, None)  # (key, the per-layer arrays as the kernel takes them)
 
     def call(self, path, hidden_states, args, kwargs):
         """`path`'s output if the runner gives it (the stack's, or handing it on), else None."""
@@ -116,20 +116,22 @@ class StackRunner:
         return cos, sin, n, layers, changes
 
     def _arrays(self, layers):
-        """The per-layer arrays and scalars of _decode_jit.stack, rebuilt when any layer's changed;
-        None if the layers differ in what the kernel takes as one (heads, top-k, expert shape...)."""
-        key = tuple(id(o) for s in layers for o in (s[1], s[2], s[4], s[6], s[9]))
-        if key != self.static_key:
-            self.static_key, self.static = key, _static(layers)
-            self.static_refs = layers  # (the ids in the key stay those objects' while they are held)
+        """(the per-layer arrays and scalars of _decode_jit.stack, rebuilt when any layer's changed,
+        or None if the layers differ in what the kernel takes as one: heads, top-k, expert shape...;
+        this thread's KV buffers as typed lists, rebuilt when one grew)."""
+        key = tuple(id(o) for s in layers for o in (s[1], s[2], s[4], s[6], s[9][0]))
+        static = self.static
+        if key != static[0]:  # (the key's objects are held with it: their ids stay theirs)
+            static = self.static = (key, _static(layers), [o for s in layers for o in (s[1], s[2], s[4], s[6], s[9][0])])
         ks = tuple(id(s[11].knp) for s in layers)
-        if ks != self.kv_key:
-            self.kv_key, self.kv = ks, (_typed([s[11].knp for s in layers]), _typed([s[11].vnp for s in layers]))
-            self.kv_refs = [s[11] for s in layers]
-        return self.static
+        kv = getattr(self.local, "kv", None)
+        if kv is None or kv[0] != ks:
+            kv = self.local.kv = (ks, (_typed([s[11].knp for s in layers]), _typed([s[11].vnp for s in layers])),
+                                  [s[11] for s in layers])
+        return static[1], kv[1]
 
     def _run(self, hidden_states, cos, sin, n, layers, changes):
-        static = self._arrays(layers)
+        static, kv = self._arrays(layers)
         if static is None:
             return None
         lists, scalars, (H, inter, meta), k = static
@@ -142,7 +144,7 @@ class StackRunner:
             jit().stack(p0.tag, x, cos, sin, n, lists[0], scalars[0], *lists[1:9], scalars[1], scalars[2], lists[9],
                         lists[10], np.float32(p0.scale), p0.heads, p0.kv_heads, p0.head_dim, lists[11], scalars[3],
                         lists[12], lists[13], k, scalars[4], lists[14], meta, inter, bbuf, fbuf, counters, addrs,
-                        nthreads, *self.kv, idx)
+                        nthreads, *kv, idx)
         cache = layers[0][8].runtime.cache
         with cache.lock:
             if cache.changes != changes:
