@@ -1,7 +1,7 @@
 """A decode token's whole decoder stack in one kernel call.
 
 When every decoder layer takes layer_decode's fused step with all its experts resident (no
-prefetcher: the bench's `resident`, or a cache that holds every expert), what separates a token
+prefetcher: the bench's `resident`, or `prefetch=0` with a cache of every expert), what separates a token
 from its kernels' time is the Python between and around those steps: module calls, argument
 checks, the KV and the cache's bookkeeping (~140 µs a layer on qwen3-quarter, measured). Here the
 first layer's call computes every layer (_decode_jit.stack: the same kernels in the same order as
