@@ -36,7 +36,7 @@ class StackRunner:
         # pending: (the stack's output, index of the next layer to hand it to);
         # kv: (key, the KV buffers of the thread's cache as the kernel takes them, the buffers)
         self.local = threading.local()
-        self.static = (None, None)  # (key, the per-layer arrays as the kernel takes them)
+        self.static = (None, None, None)  # (key, the per-layer arrays as the kernel takes them, the key's objects)
 
     def call(self, path, hidden_states, args, kwargs):
         """`path`'s output if the runner gives it (the stack's, or handing it on), else None."""
