@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -25,6 +26,22 @@ from transformers.cache_utils import DynamicLayer
 
 from . import kernels_grouped, kernels_layer, kv_buffer
 from .decode_path import jit
+
+
+class _Layer(NamedTuple):
+    """What one layer's fused step would read on this token."""
+    path: object  # layer_decode._LayerPath
+    plan: object  # attention_decode._Plan
+    n1w: np.ndarray  # the input norm's weight, and its eps as the norm's path passes it
+    n1eps: float
+    n2w: np.ndarray  # the MoE norm's
+    n2eps: float
+    route: tuple  # router weight, bias (or empty), top-k
+    renorm: bool
+    experts: object  # moe.LayerExperts
+    table: tuple  # LayerExperts.resident_table()
+    cache_layer: object  # the KV cache's layer
+    buf: object  # its kv_buffer
 
 
 class StackRunner:
@@ -108,10 +125,10 @@ class StackRunner:
             if buf is None or buf.width != p.kv_heads * p.head_dim or (n is not None and buf.length != n):
                 return None
             n, runtime = buf.length, e.runtime
-            layers.append((path, p, w1, n1._decode_path.eps, w2, n2._decode_path.eps, route,
-                           r._decode_path.renorm, e, table, layer, buf))
+            layers.append(_Layer(path, p, w1, n1._decode_path.eps, w2, n2._decode_path.eps, route,
+                                 r._decode_path.renorm, e, table, layer, buf))
         changes = runtime.cache.changes
-        if any(s[9][2] != changes for s in layers):
+        if any(s.table[2] != changes for s in layers):
             return None
         return cos, sin, n, layers, changes
 
@@ -119,15 +136,15 @@ class StackRunner:
         """(the per-layer arrays and scalars of _decode_jit.stack, rebuilt when any layer's changed,
         or None if the layers differ in what the kernel takes as one: heads, top-k, expert shape...;
         this thread's KV buffers as typed lists, rebuilt when one grew)."""
-        key = tuple(id(o) for s in layers for o in (s[1], s[2], s[4], s[6], s[9][0]))
+        key = tuple(id(o) for s in layers for o in (s.plan, s.n1w, s.n2w, s.route, s.table[0]))
         static = self.static
         if key != static[0]:  # (the key's objects are held with it: their ids stay theirs)
-            static = self.static = (key, _static(layers), [o for s in layers for o in (s[1], s[2], s[4], s[6], s[9][0])])
-        ks = tuple(id(s[11].knp) for s in layers)
+            static = self.static = (key, _static(layers), [o for s in layers for o in (s.plan, s.n1w, s.n2w, s.route, s.table[0])])
+        ks = tuple(id(s.buf.knp) for s in layers)
         kv = getattr(self.local, "kv", None)
         if kv is None or kv[0] != ks:
-            kv = self.local.kv = (ks, (_typed([s[11].knp for s in layers]), _typed([s[11].vnp for s in layers])),
-                                  [s[11] for s in layers])
+            kv = self.local.kv = (ks, (_typed([s.buf.knp for s in layers]), _typed([s.buf.vnp for s in layers])),
+                                  [s.buf for s in layers])
         return static[1], kv[1]
 
     def _run(self, hidden_states, cos, sin, n, layers, changes):
@@ -139,20 +156,20 @@ class StackRunner:
         idx = np.empty((len(layers), k), np.int64)
         nthreads = kernels_layer._threads(None)
         bbuf, fbuf, counters, addrs = kernels_layer._workspace(H, inter, k, meta[1], meta[4], nthreads)
-        p0 = layers[0][1]
+        p0 = layers[0].plan
         with kernels_grouped.launch_lock:
             jit().stack(p0.tag, x, cos, sin, n, lists[0], scalars[0], *lists[1:9], scalars[1], scalars[2], lists[9],
                         lists[10], np.float32(p0.scale), p0.heads, p0.kv_heads, p0.head_dim, lists[11], scalars[3],
                         lists[12], lists[13], k, scalars[4], lists[14], meta, inter, bbuf, fbuf, counters, addrs,
                         nthreads, *kv, idx)
-        cache = layers[0][8].runtime.cache
+        cache = layers[0].experts.runtime.cache
         with cache.lock:
             if cache.changes != changes:
                 return None  # no position was made visible: the layers' own steps compute this token
             for s, row in zip(layers, idx):
-                s[8].record_resident_locked(row, s[9])
+                s.experts.record_resident_locked(row, s.table)
         for s in layers:
-            kv_buffer.advance(s[10], s[11])
+            kv_buffer.advance(s.cache_layer, s.buf)
         out = torch.from_numpy(x).view(hidden_states.shape)
         self.local.pending = (out, 1) if len(layers) > 1 else None
         return out
@@ -184,30 +201,30 @@ def _typed(arrays):
 def _static(layers):
     """(typed lists, scalars, expert shape, top-k) for _decode_jit.stack; None if the layers differ
     in a size the kernel takes once."""
-    p0, (_, _, k0), e0 = layers[0][1], layers[0][6], layers[0][8]
-    for (_, p, _, _, _, _, route, renorm, e, _, _, _) in layers:
-        q, o = p.qms[0], p.qms[3]
+    p0, (_, _, k0), e0 = layers[0].plan, layers[0].route, layers[0].experts
+    for s in layers:
+        p, route, renorm, e = s.plan, s.route, s.renorm, s.experts
         if ((p.heads, p.kv_heads, p.head_dim, np.float32(p.scale), p.tag.dtype) != (p0.heads, p0.kv_heads,
-                p0.head_dim, np.float32(p0.scale), p0.tag.dtype) or route[2] != k0 or renorm != layers[0][7]
+                p0.head_dim, np.float32(p0.scale), p0.tag.dtype) or route[2] != k0 or renorm != layers[0].renorm
                 or e.shape[:2] != e0.shape[:2] or not np.array_equal(e.shape[2], e0.shape[2])
                 or p.tiles[0].shape[0] != p0.tiles[0].shape[0] or p.tiles[1].shape[0] != p0.tiles[1].shape[0]
                 or p.tiles[2].shape[0] != p0.tiles[2].shape[0] or p.tiles[3].shape[0] != p0.tiles[3].shape[0]):
             return None
     col = lambda f: _typed([np.ascontiguousarray(f(s)) for s in layers])
-    lists = (col(lambda s: s[2]),  # n1 weight
-             col(lambda s: s[1].tiles[0]), col(lambda s: s[1].tiles[1]), col(lambda s: s[1].tiles[2]),
-             col(lambda s: s[1].biases[0]), col(lambda s: s[1].biases[1]), col(lambda s: s[1].biases[2]),
-             col(lambda s: s[1].norms[0]), col(lambda s: s[1].norms[1]),
-             col(lambda s: s[1].tiles[3]), col(lambda s: s[1].biases[3]),
-             col(lambda s: s[4]),  # n2 weight
-             col(lambda s: s[6][0]), col(lambda s: s[6][1]),  # router weight, bias
-             col(lambda s: s[9][0]))  # expert tables
-    scalars = (np.array([s[3] for s in layers], np.float64),  # the norms' eps as their paths pass them
-               np.array([(s[1].qms[0].bits, s[1].qms[0].group, s[1].qms[3].bits, s[1].qms[3].group) for s in layers],
+    lists = (col(lambda s: s.n1w),  # n1 weight
+             col(lambda s: s.plan.tiles[0]), col(lambda s: s.plan.tiles[1]), col(lambda s: s.plan.tiles[2]),
+             col(lambda s: s.plan.biases[0]), col(lambda s: s.plan.biases[1]), col(lambda s: s.plan.biases[2]),
+             col(lambda s: s.plan.norms[0]), col(lambda s: s.plan.norms[1]),
+             col(lambda s: s.plan.tiles[3]), col(lambda s: s.plan.biases[3]),
+             col(lambda s: s.n2w),  # n2 weight
+             col(lambda s: s.route[0]), col(lambda s: s.route[1]),  # router weight, bias
+             col(lambda s: s.table[0]))  # expert tables
+    scalars = (np.array([s.n1eps for s in layers], np.float64),  # the norms' eps as their paths pass them
+               np.array([(s.plan.qms[0].bits, s.plan.qms[0].group, s.plan.qms[3].bits, s.plan.qms[3].group) for s in layers],
                         np.int64),
-               np.array([s[1].eps for s in layers], np.float32),
-               np.array([s[5] for s in layers], np.float64),
-               bool(layers[0][7]))
+               np.array([s.plan.eps for s in layers], np.float32),
+               np.array([s.n2eps for s in layers], np.float64),
+               bool(layers[0].renorm))
     return lists, (scalars[0], scalars[1], scalars[2], scalars[3], scalars[4]), e0.shape, int(k0)
 
 
