@@ -98,10 +98,9 @@ class StackRunner:
     def _inputs(self, hidden_states, args, kwargs):
         """(cos, sin, position, per-layer state, cache change count) if every layer would take the
         resident fused step on this token, else None."""
-        first = self.paths[0]
-        if args or not first._ready(hidden_states, kwargs) or not hidden_states.is_contiguous():
+        if args or not hidden_states.is_contiguous():
             return None
-        got = first.attn._decode_path.inputs(hidden_states, (), kwargs)
+        got = self.paths[0].attn._decode_path.inputs(hidden_states, (), kwargs)
         if got is None:
             return None
         _, cache, cos, sin = got
@@ -109,9 +108,8 @@ class StackRunner:
         for path in self.paths:
             a, n1, n2, r = path.attn._decode_path, path.n1, path.n2, path.router
             m = path.module  # hooks on a layer would see the stack's output as every layer's
-            if (path.verified is not True or not path.fused or m.training or m._forward_hooks or m._forward_pre_hooks
-                    or not path._fusable() or n2._forward_pre_hooks or a.verified is not True or n1._decode_path.verified is not True
-                    or n2._decode_path.verified is not True):
+            if (path.verified is not True or not path.fused or not path._ready(hidden_states, kwargs)
+                    or m._forward_hooks or m._forward_pre_hooks or not path._fusable() or n2._forward_pre_hooks):
                 return None
             p = a.plan
             w1, w2, route = n1._decode_path.weight(), n2._decode_path.weight(), r._decode_path.current()
