@@ -189,7 +189,7 @@ def _generate(model, tokenizer, prompt: str, new_tokens: int) -> list[int]:
     import torch
 
     ids = _chat_ids(tokenizer, prompt).to(_input_device(model))
-    with torch.no_grad():
+    with torch.inference_mode():  # as the command line and the server generate (engine.py)
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                              min_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
     return out[0, ids.shape[1]:].tolist()
@@ -209,7 +209,7 @@ def _long_prefill(model, tokenizer, prompts: list[str]) -> None:
 
     ids = tokenizer(" ".join(prompts), return_tensors="pt")["input_ids"][0]
     ids = ids.repeat(LONG_PREFILL // len(ids) + 1)[:LONG_PREFILL].unsqueeze(0).to(_input_device(model))
-    with torch.no_grad():
+    with torch.inference_mode():
         model(input_ids=ids, use_cache=False)
 
 
@@ -234,17 +234,18 @@ class PhaseClock:
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is None:
             ids = kwargs["inputs_embeds"]
-        self._start = dict(t=time.perf_counter(), tokens=ids.shape[0] * ids.shape[1], long=ids.shape[1] > 1,
-                           disk=disk_read_bytes(), experts=self._expert_bytes())
+        self._start = dict(tokens=ids.shape[0] * ids.shape[1], long=ids.shape[1] > 1, disk=disk_read_bytes(),
+                           experts=self._expert_bytes())
+        self._start["t"] = time.perf_counter()  # last: reading /proc/self/io (~20 µs) is not the model's time
 
     def _after(self, module, args, kwargs, output) -> None:
-        s, self._start = self._start, None
+        end, s, self._start = time.perf_counter(), self._start, None
         if s is None or self.phase == "warmup":
             return
         key = "long_prefill" if self.phase == "long_prefill" else ("prefill" if s["long"] else "decode")
         t = self.totals.setdefault(key, dict(tokens=0, seconds=0.0, forwards=0, disk_bytes=0, expert_bytes=0))
         t["tokens"] += s["tokens"]
-        t["seconds"] += time.perf_counter() - s["t"]
+        t["seconds"] += end - s["t"]
         t["forwards"] += 1
         t["disk_bytes"] += disk_read_bytes() - s["disk"]
         t["expert_bytes"] += self._expert_bytes() - s["experts"]
