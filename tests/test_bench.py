@@ -128,14 +128,21 @@ def test_plan_is_predicted_for_our_modes_before_they_run(tiny_run):
         plan = r["plan"]
         assert r["plan_decode_tokens_per_s"] == plan["decode_tokens_per_s"] > 0, mode
         assert r["measured_over_plan"] == pytest.approx(r["decode_tokens_per_s"] / plan["decode_tokens_per_s"], rel=1e-2)
-        # one compute term for the modes with misses (timed layer by layer: they never take the
-        # stacked step), one for resident; reads follow the expected misses
-        same = "resident" if mode == "resident" else "no-cache"
-        assert plan["compute_seconds_per_token"] == modes[same]["plan"]["compute_seconds_per_token"] > 0
+        # resident's compute is its timed turns; a mode with misses never takes the stacked step, so
+        # its layer steps are timed layer by layer, those that wait for a read after such a wait
+        waited = plan["waited_layer_steps"]
+        assert 0 <= waited <= 1 and (waited == 0) == (mode == "resident"), mode
+        if mode != "resident":
+            assert plan["compute_seconds_per_token"] == pytest.approx(
+                (1 - waited) * plan["compute_layered_seconds_per_token"]
+                + waited * plan["compute_waited_seconds_per_token"], rel=1e-3)
+        assert plan["compute_seconds_per_token"] > 0
         store = Store.open(result["store"])
         assert plan["expert_reads_per_token"] == pytest.approx(
             (1 - plan["hit_rate"]) * store.top_k * len(store.moe_layers), rel=1e-3)
     assert modes["resident"]["plan_hit_rate"] == 1.0 and modes["no-cache"]["plan_hit_rate"] == 0.0
+    assert modes["no-cache"]["plan"]["waited_layer_steps"] == 1  # it reads at every layer step
+    assert modes["lru-only"]["plan"]["waited_layer_steps"] < 1
     # the hit rate and the misses' groups come from a trace of the bench's own turns: every prompt, every token
     store = Store.open(result["store"])
     assert modes["no-cache"]["plan"]["miss_groups"] == {str(store.top_k): 1}

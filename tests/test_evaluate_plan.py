@@ -8,7 +8,8 @@ import moe_offload
 from moe_offload.errors import MoeOffloadError
 from moe_offload.evaluate.fidelity import ours, rtn
 from moe_offload.evaluate.perplexity import perplexity, store_perplexity, token_windows
-from moe_offload.plan.predict import RUNTIME_BYTES, cache_slots, plan, time_decode, trace_misses
+from moe_offload.plan.predict import (RUNTIME_BYTES, Timing, cache_slots, plan, time_decode, trace_misses,
+                                      waited_fraction)
 from moe_offload.store import DENSE_FILE, Store
 from moe_offload.synthetic import build_random_mixtral
 
@@ -72,6 +73,16 @@ def test_plan_prediction_adds_reads_to_compute(src_and_store):
     assert p.decode_tokens_per_s == pytest.approx(1 / (p.compute_seconds + p.read_seconds))
 
 
+def test_waited_share_counts_the_layer_steps_with_a_miss():
+    # four layer steps of top-2 missing 2, 1, 0, 0 experts: 3 misses of 8 uses, 2 steps of 4 wait
+    assert waited_fraction(5 / 8, {2: 1, 1: 1}, 2) == pytest.approx(0.5)
+    assert waited_fraction(0.0, {2: 1}, 2) == 1.0  # no-cache: every step reads
+    assert waited_fraction(1.0, {}, 2) == 0.0
+    t = Timing(0.001, 4, ("p",), None, seconds_per_token_layered=0.002, seconds_per_token_waited=0.006)
+    assert t.compute(True) == 0.001
+    assert t.compute(False, 0.25) == pytest.approx(0.75 * 0.002 + 0.25 * 0.006)
+
+
 def test_timed_decode_traces_every_turn_in_order(src_and_store):
     """The hit rate comes from all the turns the bench runs, one session: the simulator carries the
     cache from one turn to the next, as the live cache does."""
@@ -79,6 +90,7 @@ def test_timed_decode_traces_every_turn_in_order(src_and_store):
     prompts = ("one two three", "four five six", "seven eight")
     t = time_decode(st, tokens=5, prompts=prompts)
     assert t.prompts == prompts and t.tokens == 5 and t.seconds_per_token > 0
+    assert t.seconds_per_token_layered > 0 and t.seconds_per_token_waited > 0
     assert sum(t.steps.decode) == len(prompts) * (5 - 1)  # the first token of a turn comes from its prefill
     assert sorted(set(t.steps.trace.prompt.tolist())) == [0, 1, 2]
     one = time_decode(st, tokens=5, prompts=prompts[:1])

@@ -4,7 +4,8 @@ what it measures.
 One timed decode with every expert resident, of the bench's own prompts and token count, gives
 the compute per token and a routing trace;
 each mode's expected hit rate is the simulator's on that trace at the mode's cache size (resident:
-every expert; no-cache: none). Its reads go at the rate blobs come back through the loader, a
+every expert; no-cache: none). A layer step that waits for a read computes at the speed the timed
+decode measured for such steps (plan.predict.Timing.compute). Its reads go at the rate blobs come back through the loader, a
 layer's misses submitted together in the group sizes the simulator gives the mode (no-cache:
 top-k), into pools of the mode's own slots per layer, measured again right before the mode runs:
 a shared machine's disk drifts by 2x within minutes (README, "Planning"), and the prediction
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import gc
 
-from ..plan.predict import decode_rate, time_decode, trace_misses
+from ..plan.predict import decode_rate, time_decode, trace_misses, waited_fraction
 from .mode import OURS
 from .roofline import blob_read_rate
 
@@ -56,9 +57,14 @@ class Forecast:
         hit, groups = self.expected_misses(mode)
         slots = self.slots_per_layer(mode) if hit < 1 else None
         disk = blob_read_rate(self.st, groups, limit=DISK_SAMPLE, slots_per_layer=slots) if hit < 1 else 0
-        compute = self.timing.compute(hit >= 1)
+        waited = waited_fraction(hit, groups, self.st.top_k)
+        compute = self.timing.compute(hit >= 1, waited)
         misses, read, tps = decode_rate(self.st, hit, compute, disk) if disk else (0.0, 0.0, 1 / compute)
+        t = self.timing
         return {"decode_tokens_per_s": round(tps, 3), "hit_rate": round(hit, 4), "compute_seconds_per_token": compute,
+                # its parts: per token layer by layer, and with every layer step after a wait; the share that waits
+                "compute_layered_seconds_per_token": t.seconds_per_token_layered,
+                "compute_waited_seconds_per_token": t.seconds_per_token_waited, "waited_layer_steps": round(waited, 4),
                 "read_seconds_per_token": read, "expert_reads_per_token": misses, "disk_bytes_per_s": disk,
                 "miss_groups": {str(m): n for m, n in sorted(groups.items())}, "disk_sample_slots_per_layer": slots}
 

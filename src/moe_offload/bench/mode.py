@@ -100,6 +100,7 @@ def open_model(spec: dict, scratch: str):
     mode = spec["mode"]
     if mode in OURS:
         from .. import load
+        from ..plan.predict import every_use_read
 
         options = dict(spec["load_kwargs"])
         if mode in ("resident", "no-cache"):
@@ -112,7 +113,7 @@ def open_model(spec: dict, scratch: str):
             options["prefetch"] = 0
         model = load(spec["store"], **options)
         if mode == "no-cache":
-            forget_after_use(model.offload_runtime.cache)
+            every_use_read(model.offload_runtime.cache)
         return model, dict(stats=model.offload_stats(), **bytes_per_token_offloaded(model), options=options)
 
     from transformers import AutoModelForCausalLM
@@ -156,20 +157,6 @@ def _top_k(store: str) -> int:
     from ..store import Store
 
     return Store.open(store).top_k
-
-
-def forget_after_use(cache) -> None:
-    """no-cache mode: once a layer's experts have run, free every slot of its pool, so that the next
-    use of any expert reads it from disk again. With prefetch off nothing else is loading."""
-    stream = cache.stream
-
-    def stream_then_forget(layer, experts, **kwargs):
-        try:
-            yield from stream(layer, experts, **kwargs)
-        finally:  # also when a one-call layer closes the stream early
-            cache.forget(layer)
-
-    cache.stream = stream_then_forget
 
 
 def _load_all_experts(model) -> None:

@@ -6,7 +6,9 @@
               on the given trace, else on the routing of the timed decode below; with neither
               (--no-measure): slots / experts, the rate of routing with no locality at all
   tokens/s    1 / (compute + reads): compute is a short decode timed with every expert
-              resident (or dense + top-k expert bytes over the RAM bandwidth); reads are the
+              resident (or dense + top-k expert bytes over the RAM bandwidth), and, for a cache
+              that misses, each layer step that waits for a read at the compute such a step
+              was timed at (a core that sat idle runs the next kernels slower); reads are the
               expected misses per token, (1 - hit rate) x top-k x MoE layers, times the blob size
               over the rate at which blobs come back through the loader (measured cold, a layer's
               misses submitted together as the cache does, in the simulator's group sizes, into a
@@ -56,6 +58,15 @@ def cache_slots(store: Store, ram: int, runtime: int = RUNTIME_BYTES) -> tuple[b
     return slots >= store.top_k, int(max(slots, 0))
 
 
+def waited_fraction(hit_rate: float, groups: dict[int, int], top_k: int) -> float:
+    """The share of MoE layer steps that wait for at least one read, from the simulator's groups
+    (misses in one layer step -> how often) and hit rate: steps = misses / ((1 - hit rate) x top-k)."""
+    misses = sum(m * n for m, n in groups.items())
+    if hit_rate >= 1 or not misses:
+        return 0.0
+    return min(1.0, sum(groups.values()) * (1 - hit_rate) * top_k / misses)
+
+
 def trace_misses(trace, slots: int, policy: str = "lru", scope: str = "layer") -> tuple[float, dict[int, int]]:
     """The simulator over a trace's decode steps (what a decode token pays), at this cache size: the
     hit rate, and how the misses group by layer step (misses in one step of one layer -> how often),
@@ -79,11 +90,17 @@ class Timing:
     steps: object  # routing.Steps of a second, traced run of the same prompts
     # the same turns layer by layer: a cache that misses never takes the stacked step (stack_decode)
     seconds_per_token_layered: float | None = None
+    # and again with every expert read again at every use, less the waits for those reads: the
+    # compute of a token whose every layer step waited (no-cache's)
+    seconds_per_token_waited: float | None = None
 
-    def compute(self, all_resident: bool) -> float:
-        """Seconds of compute a decode token takes with every expert resident, or with misses."""
-        return self.seconds_per_token if all_resident or self.seconds_per_token_layered is None \
-            else self.seconds_per_token_layered
+    def compute(self, all_resident: bool, waited: float = 0.0) -> float:
+        """Seconds of compute a decode token takes with every expert resident, or with misses, of
+        which the share `waited` of layer steps wait for a read first."""
+        if all_resident or self.seconds_per_token_layered is None:
+            return self.seconds_per_token
+        after_wait = self.seconds_per_token_waited or self.seconds_per_token_layered
+        return (1 - waited) * self.seconds_per_token_layered + waited * after_wait
 
 
 def time_decode(store: Store, tokens: int = 64, prompts=(TIMING_PROMPT,)) -> Timing:
@@ -127,6 +144,7 @@ def time_decode(store: Store, tokens: int = 64, prompts=(TIMING_PROMPT,)) -> Tim
             for ids in turns:
                 generate(ids, tokens)
         layered = stats.as_dict()
+        waited = _time_waited_decode(model, lambda ids: generate(ids, tokens), turns)
         recorder = TraceRecorder(model, depth=1)
         try:
             for i, ids in enumerate(turns):
@@ -136,9 +154,59 @@ def time_decode(store: Store, tokens: int = 64, prompts=(TIMING_PROMPT,)) -> Tim
             recorder.close()
         steps = Steps(recorder.trace({}))
         return Timing(d["seconds_decode"] / max(1, d["tokens_decode"]), tokens, prompts, steps,
-                      layered["seconds_decode"] / max(1, layered["tokens_decode"]))
+                      layered["seconds_decode"] / max(1, layered["tokens_decode"]), waited)
     finally:
         model.close()
+
+
+def every_use_read(cache) -> None:
+    """Empty a layer's pool once its experts have run, so that every use of an expert reads it
+    again (the bench's no-cache mode). With prefetch off nothing else is loading."""
+    stream = cache.stream
+
+    def stream_then_forget(layer, experts, **kwargs):
+        try:
+            yield from stream(layer, experts, **kwargs)
+        finally:  # also when a one-call layer closes the stream early
+            cache.forget(layer)
+
+    cache.stream = stream_then_forget
+
+
+def _time_waited_decode(model, generate, turns) -> float:
+    """Decode seconds per token, less the waits for reads, with every expert read again at every
+    use: what a layer step's compute becomes when its core has just waited for the disk. Measured,
+    not derived: on a 2-core VM every kernel after such a wait ran 1.5-2x slower (README, "Planning")."""
+    from .. import stack_decode
+
+    cache, stats = model.offload_runtime.cache, model.offload_stats()
+    seen = {"stall": 0.0, "decode_stall": 0.0}
+
+    def before(module, args, kwargs):
+        seen["stall"] = stats.stall_seconds
+
+    def after(module, args, kwargs, output):  # a prompt's prefill waits too: only decode steps count
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is not None and ids.shape[-1] == 1:
+            seen["decode_stall"] += stats.stall_seconds - seen["stall"]
+
+    hooks = [model.register_forward_pre_hook(before, with_kwargs=True),
+             model.register_forward_hook(after, with_kwargs=True)]
+    stream = cache.stream
+    every_use_read(cache)
+    try:
+        stats.reset()
+        with stack_decode.layer_by_layer(model):
+            for ids in turns:
+                generate(ids)
+        d = stats.as_dict()
+    finally:
+        cache.stream = stream
+        for h in hooks:
+            h.remove()
+        for layer in model.offload_runtime.store.moe_layers:  # resident again, for the passes after this
+            list(cache.stream(layer, range(model.offload_runtime.store.num_experts)))
+    return max(0.0, d["seconds_decode"] - seen["decode_stall"]) / max(1, d["tokens_decode"])
 
 
 def decode_rate(store: Store, hit_rate: float, compute: float, disk_read: float) -> tuple[float, float, float]:
@@ -178,8 +246,10 @@ def plan(store_path, ram: int, *, disk_read: float | None = None, trace=None, me
     else:
         hit, source = slots / E, "slots / experts (no trace: routing without locality)"
     if timing is not None:
-        compute, csource = timing.compute(hit >= 1), ("timed decode, every expert resident" + (
-            "" if hit >= 1 else ", layer by layer (as a cache that misses runs)"))
+        waited = waited_fraction(hit, groups or {k: 1}, k)
+        compute, csource = timing.compute(hit >= 1, waited), ("timed decode, every expert resident" + (
+            "" if hit >= 1 else f", layer by layer (as a cache that misses runs), {waited:.0%} of the layer "
+                                "steps at the compute timed after a wait"))
     else:
         from ..bench.roofline import ram_bandwidth
 
