@@ -98,6 +98,22 @@ def test_timed_decode_traces_every_turn_in_order(src_and_store):
     assert 0 <= trace_misses(t.steps, 2)[0] <= 1
 
 
+def test_a_kept_timing_model_times_its_turns_again(src_and_store):
+    """bench keeps the timed model to time its turns again before each mode: a machine running
+    slower now shows as a drift above 1."""
+    import time
+
+    t = time_decode(Store.open(src_and_store[1]), tokens=6, prompts=("one two", "three"), keep=True)
+    try:
+        assert 0.2 < t.drift() < 5
+        slow = t.decoder.model.register_forward_pre_hook(lambda *a: time.sleep(0.02))
+        assert t.drift() > 2
+        slow.remove()
+    finally:
+        t.close()
+    assert t.decoder is None and t.drift() == 1.0
+
+
 def test_plan_and_eval_cli(src_and_store, tmp_path):
     _, store = src_and_store
     r = run_cli("plan", store, "--ram", "1MiB", "--disk-read", "1GB", "--no-measure")

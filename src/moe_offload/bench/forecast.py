@@ -5,7 +5,9 @@ One timed decode with every expert resident, of the bench's own prompts and toke
 the compute per token and a routing trace;
 each mode's expected hit rate is the simulator's on that trace at the mode's cache size (resident:
 every expert; no-cache: none). A layer step that waits for a read computes at the speed the timed
-decode measured for such steps (plan.predict.Timing.compute). Its reads go at the rate blobs come back through the loader, a
+decode measured for such steps (plan.predict.Timing.compute). Right before each mode the resident
+turns are timed again on the model kept loaded, and the compute scaled by how much they moved, as
+the disk is sampled again. Its reads go at the rate blobs come back through the loader, a
 layer's misses submitted together in the group sizes the simulator gives the mode (no-cache:
 top-k), into pools of the mode's own slots per layer, measured again right before the mode runs:
 a shared machine's disk drifts by 2x within minutes (README, "Planning"), and the prediction
@@ -26,8 +28,11 @@ DISK_SAMPLE = 1 << 30  # bytes of cold blob reads before each mode, at most (and
 class Forecast:
     def __init__(self, st, load_kwargs: dict, prompts, max_new_tokens: int):
         self.st, self.load_kwargs = st, load_kwargs
-        self.timing = time_decode(st, max_new_tokens, prompts)
+        self.timing = time_decode(st, max_new_tokens, prompts, keep=True)
         gc.collect()
+
+    def close(self) -> None:
+        self.timing.close()
 
     def expected_misses(self, mode: str) -> tuple[float, dict[int, int]]:
         """The mode's hit rate and its decode misses per layer step (misses -> how often)."""
@@ -58,13 +63,15 @@ class Forecast:
         slots = self.slots_per_layer(mode) if hit < 1 else None
         disk = blob_read_rate(self.st, groups, limit=DISK_SAMPLE, slots_per_layer=slots) if hit < 1 else 0
         waited = waited_fraction(hit, groups, self.st.top_k)
-        compute = self.timing.compute(hit >= 1, waited)
+        drift = self.timing.drift()  # the machine's speed now against when the turns were timed
+        compute = self.timing.compute(hit >= 1, waited) * drift
         misses, read, tps = decode_rate(self.st, hit, compute, disk) if disk else (0.0, 0.0, 1 / compute)
         t = self.timing
         return {"decode_tokens_per_s": round(tps, 3), "hit_rate": round(hit, 4), "compute_seconds_per_token": compute,
                 # its parts: per token layer by layer, and with every layer step after a wait; the share that waits
                 "compute_layered_seconds_per_token": t.seconds_per_token_layered,
                 "compute_waited_seconds_per_token": t.seconds_per_token_waited, "waited_layer_steps": round(waited, 4),
+                "compute_drift": round(drift, 4),  # every compute term above is multiplied by it
                 "read_seconds_per_token": read, "expert_reads_per_token": misses, "disk_bytes_per_s": disk,
                 "miss_groups": {str(m): n for m, n in sorted(groups.items())}, "disk_sample_slots_per_layer": slots}
 

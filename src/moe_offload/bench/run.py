@@ -5,6 +5,7 @@ source's pages dropped from the page cache before it, and reports to this proces
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
@@ -73,7 +74,7 @@ def run_bench(store: Path, source: Path | None, modes: list[str], *, explicit_mo
     load_before = os.getloadavg()[0]  # other work on the machine skews every number: say how much there was
     steps = sum(2 if m == LLAMACPP else 2 + prompts for m in modes)  # per mode: load, each prompt, long prefill
     results: dict[str, dict] = {}
-    with tqdm(total=steps, unit="step", desc="bench", dynamic_ncols=True) as bar:
+    with tqdm(total=steps, unit="step", desc="bench", dynamic_ncols=True) as bar, _closing(planner):
         for mode in modes:
             bar.set_description(mode)
             if planner is not None and mode in OURS:
@@ -120,6 +121,16 @@ def run_bench(store: Path, source: Path | None, modes: list[str], *, explicit_mo
         "modes": results,
         "targets": targets(ran, st.manifest, memory_limited=bool(cgroup_limit)),
     }
+
+
+@contextlib.contextmanager
+def _closing(planner):
+    """The planner's model stays loaded for the modes (it times their compute again before each)."""
+    try:
+        yield
+    finally:
+        if planner is not None:
+            planner.close()
 
 
 def _check_cgroup(limit: int | None, in_process: bool) -> dict | None:

@@ -16,7 +16,7 @@
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from ..errors import MoeOffloadError
 from ..store import DENSE_FILE, Store
@@ -93,6 +93,18 @@ class Timing:
     # and again with every expert read again at every use, less the waits for those reads: the
     # compute of a token whose every layer step waited (no-cache's)
     seconds_per_token_waited: float | None = None
+    decoder: ResidentDecode | None = field(default=None, repr=False, compare=False)  # time_decode(keep=True)
+
+    def drift(self) -> float:
+        """How much longer the same resident turns take now than when they were timed: a shared
+        machine's speed moved by up to 1.8x within a minute (README, "Planning"), which the
+        prediction should not be judged on. 1.0 without a kept model."""
+        return self.decoder.seconds_per_token() / self.seconds_per_token if self.decoder else 1.0
+
+    def close(self) -> None:
+        if self.decoder is not None:
+            self.decoder.close()
+            self.decoder = None
 
     def compute(self, all_resident: bool, waited: float = 0.0) -> float:
         """Seconds of compute a decode token takes with every expert resident, or with misses, of
@@ -103,60 +115,87 @@ class Timing:
         return (1 - waited) * self.seconds_per_token_layered + waited * after_wait
 
 
-def time_decode(store: Store, tokens: int = 64, prompts=(TIMING_PROMPT,)) -> Timing:
-    """Seconds per decode token with every expert resident (nothing read after warm-up), over one
-    chat turn per prompt when the tokenizer has a template (the common use); then the same turns
-    again under the trace recorder, whose hooks must not be in the timing. The trace's turns follow
-    each other as a session's would, so the simulator carries its cache from one turn to the next
-    as the live cache does (one short turn alone gave a hit rate 0.11 below four: README, "Planning")."""
-    import torch
-    from transformers import AutoTokenizer
+class ResidentDecode:
+    """A store loaded with every expert resident and its kernels warmed up, and the chat turns it
+    decodes: one turn per prompt, through the chat template when the tokenizer has one (the common use)."""
 
+    def __init__(self, store: Store, tokens: int, prompts: tuple[str, ...]):
+        import torch
+        from transformers import AutoTokenizer
+
+        from ..engine import chat_prompt_ids
+        from ..model import load
+
+        self.store, self.tokens = store, tokens
+        self.model = load(store.path, experts_per_layer=store.num_experts, prefetch=0)
+        try:
+            self.model.offload_warm_up()  # kernels load (or compile) on first use: not inside the timed turns
+            self.tok = tok = AutoTokenizer.from_pretrained(store.path, local_files_only=True)
+            self.turns = [torch.tensor([chat_prompt_ids(tok, [{"role": "user", "content": p}]) if tok.chat_template
+                                        else tok(p).input_ids]) for p in prompts]
+            self.generate(self.turns[0], 4)  # loads every expert it touches
+            self.load_all()  # and the rest, so the timed runs read nothing
+        except BaseException:
+            self.model.close()
+            raise
+
+    def load_all(self) -> None:
+        for layer in self.store.moe_layers:
+            list(self.model.offload_runtime.cache.stream(layer, range(self.store.num_experts)))
+
+    def generate(self, ids, n: int | None = None) -> None:
+        """Exactly n tokens (default: the timed count), greedy: an early end-of-sequence would time nothing."""
+        import torch
+
+        with torch.inference_mode():
+            self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n or self.tokens,
+                                min_new_tokens=n or self.tokens, do_sample=False,
+                                pad_token_id=self.tok.pad_token_id or self.tok.eos_token_id)
+
+    def seconds_per_token(self) -> float:
+        """The turns decoded as they run; seconds per decode token."""
+        stats = self.model.offload_stats()
+        stats.reset()
+        for ids in self.turns:
+            self.generate(ids)
+        d = stats.as_dict()
+        return d["seconds_decode"] / max(1, d["tokens_decode"])
+
+    def close(self) -> None:
+        self.model.close()
+
+
+def time_decode(store: Store, tokens: int = 64, prompts=(TIMING_PROMPT,), keep: bool = False) -> Timing:
+    """Seconds per decode token with every expert resident (nothing read after warm-up); the same
+    turns layer by layer, and with every expert read again at every use; then the turns again under
+    the trace recorder, whose hooks must not be in the timing. The trace's turns follow each other
+    as a session's would, so the simulator carries its cache from one turn to the next as the live
+    cache does (one short turn alone gave a hit rate 0.11 below four: README, "Planning").
+    keep: the loaded model stays with the Timing, to time the turns again later (Timing.drift)."""
     from .. import stack_decode
-    from ..engine import chat_prompt_ids
-    from ..model import load
     from ..routing import Steps
     from ..routing.recorder import TraceRecorder
 
     prompts = (prompts,) if isinstance(prompts, str) else tuple(prompts)
-    model = load(store.path, experts_per_layer=store.num_experts, prefetch=0)
+    decoder = ResidentDecode(store, tokens, prompts)
     try:
-        model.offload_warm_up()  # kernels load (or compile) on first use: not inside the timed turns
-        tok = AutoTokenizer.from_pretrained(store.path, local_files_only=True)
-        turns = [torch.tensor([chat_prompt_ids(tok, [{"role": "user", "content": p}]) if tok.chat_template
-                               else tok(p).input_ids]) for p in prompts]
-
-        def generate(ids, n: int) -> None:  # exactly n tokens, greedy: an early end-of-sequence would time nothing
-            with torch.inference_mode():
-                model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                               do_sample=False, pad_token_id=tok.pad_token_id or tok.eos_token_id)
-
-        generate(turns[0], 4)  # loads every expert it touches
-        for layer in store.moe_layers:  # and the rest, so the timed run reads nothing
-            list(model.offload_runtime.cache.stream(layer, range(store.num_experts)))
-        stats = model.offload_stats()
-        stats.reset()
-        for ids in turns:
-            generate(ids, tokens)
-        d = stats.as_dict()
-        stats.reset()
-        with stack_decode.layer_by_layer(model):
-            for ids in turns:
-                generate(ids, tokens)
-        layered = stats.as_dict()
-        waited = _time_waited_decode(model, lambda ids: generate(ids, tokens), turns)
-        recorder = TraceRecorder(model, depth=1)
+        resident = decoder.seconds_per_token()
+        with stack_decode.layer_by_layer(decoder.model):
+            layered = decoder.seconds_per_token()
+        waited = _time_waited_decode(decoder)
+        recorder = TraceRecorder(decoder.model, depth=1)
         try:
-            for i, ids in enumerate(turns):
+            for i, ids in enumerate(decoder.turns):
                 recorder.prompt = i
-                generate(ids, tokens)
+                decoder.generate(ids)
         finally:
             recorder.close()
-        steps = Steps(recorder.trace({}))
-        return Timing(d["seconds_decode"] / max(1, d["tokens_decode"]), tokens, prompts, steps,
-                      layered["seconds_decode"] / max(1, layered["tokens_decode"]), waited)
+        timing = Timing(resident, tokens, prompts, Steps(recorder.trace({})), layered, waited,
+                        decoder if keep else None)
     finally:
-        model.close()
+        if not keep:
+            decoder.close()
+    return timing
 
 
 def every_use_read(cache) -> None:
@@ -173,12 +212,13 @@ def every_use_read(cache) -> None:
     cache.stream = stream_then_forget
 
 
-def _time_waited_decode(model, generate, turns) -> float:
+def _time_waited_decode(decoder: ResidentDecode) -> float:
     """Decode seconds per token, less the waits for reads, with every expert read again at every
     use: what a layer step's compute becomes when its core has just waited for the disk. Measured,
     not derived: on a 2-core VM every kernel after such a wait ran 1.5-2x slower (README, "Planning")."""
     from .. import stack_decode
 
+    model = decoder.model
     cache, stats = model.offload_runtime.cache, model.offload_stats()
     seen = {"stall": 0.0, "decode_stall": 0.0}
 
@@ -197,15 +237,14 @@ def _time_waited_decode(model, generate, turns) -> float:
     try:
         stats.reset()
         with stack_decode.layer_by_layer(model):
-            for ids in turns:
-                generate(ids)
+            for ids in decoder.turns:
+                decoder.generate(ids)
         d = stats.as_dict()
     finally:
         cache.stream = stream
         for h in hooks:
             h.remove()
-        for layer in model.offload_runtime.store.moe_layers:  # resident again, for the passes after this
-            list(cache.stream(layer, range(model.offload_runtime.store.num_experts)))
+        decoder.load_all()  # resident again, for the passes after this
     return max(0.0, d["seconds_decode"] - seen["decode_stall"]) / max(1, d["tokens_decode"])
 
 
