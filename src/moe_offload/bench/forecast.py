@@ -5,7 +5,8 @@ One timed decode with every expert resident, of the bench's own prompts and toke
 the compute per token and a routing trace;
 each mode's expected hit rate is the simulator's on that trace at the mode's cache size (resident:
 every expert; no-cache: none). A layer step that waits for a read computes at the speed the timed
-decode measured for such steps (plan.predict.Timing.compute). Right before each mode the resident
+decode measured for such steps (plan.predict.Timing.compute), less the cache's work around its
+reads, which the read term below holds. Right before each mode the resident
 turns are timed again on the model kept loaded, and the compute scaled by how much they moved, as
 the disk is sampled again. Its reads go at the rate blobs come back through the loader, a
 layer's misses submitted together in the group sizes the simulator gives the mode (no-cache:
@@ -20,7 +21,7 @@ import gc
 
 from ..plan.predict import decode_rate, time_decode, trace_misses, waited_fraction
 from .mode import OURS
-from .roofline import blob_read_rate
+from .roofline import blob_read_rate, blob_read_sample
 
 DISK_SAMPLE = 1 << 30  # bytes of cold blob reads before each mode, at most (and at most a second)
 
@@ -61,10 +62,12 @@ class Forecast:
     def predict(self, mode: str) -> dict:
         hit, groups = self.expected_misses(mode)
         slots = self.slots_per_layer(mode) if hit < 1 else None
-        disk = blob_read_rate(self.st, groups, limit=DISK_SAMPLE, slots_per_layer=slots) if hit < 1 else 0
+        disk, waiting = (blob_read_sample(self.st, groups, limit=DISK_SAMPLE, slots_per_layer=slots)
+                         if hit < 1 else (0, 1.0))
+        work_per_read = (1 - waiting) * self.st.blob_size / disk if disk else 0.0  # held by the read term
         waited = waited_fraction(hit, groups, self.st.top_k)
         drift = self.timing.drift()  # the machine's speed now against when the turns were timed
-        compute = self.timing.compute(hit >= 1, waited) * drift
+        compute = self.timing.compute(hit >= 1, waited, work_per_read) * drift
         misses, read, tps = decode_rate(self.st, hit, compute, disk) if disk else (0.0, 0.0, 1 / compute)
         t = self.timing
         return {"decode_tokens_per_s": round(tps, 3), "hit_rate": round(hit, 4), "compute_seconds_per_token": compute,
@@ -72,6 +75,7 @@ class Forecast:
                 "compute_layered_seconds_per_token": t.seconds_per_token_layered,
                 "compute_waited_seconds_per_token": t.seconds_per_token_waited, "waited_layer_steps": round(waited, 4),
                 "compute_drift": round(drift, 4),  # every compute term above is multiplied by it
+                "read_work_seconds": work_per_read,  # of a read's sampled time, the cache's own work
                 "read_seconds_per_token": read, "expert_reads_per_token": misses, "disk_bytes_per_s": disk,
                 "miss_groups": {str(m): n for m, n in sorted(groups.items())}, "disk_sample_slots_per_layer": slots}
 

@@ -127,7 +127,13 @@ def blob_bandwidth(store, limit: int = 1 << 30, seconds: float = 2.0) -> float:
 
 def blob_read_rate(store, groups: dict[int, int] | None = None, limit: int = 1 << 30, seconds: float = 1.0,
                    seed: int = 0, slots_per_layer: int | None = None) -> float:
-    """Blob bytes/s of expert reads made the way the cache makes a decode's misses: through the
+    """Blob bytes/s of expert reads made the way the cache makes a decode's misses (blob_read_sample)."""
+    return blob_read_sample(store, groups, limit, seconds, seed, slots_per_layer)[0]
+
+
+def blob_read_sample(store, groups: dict[int, int] | None = None, limit: int = 1 << 30, seconds: float = 1.0,
+                     seed: int = 0, slots_per_layer: int | None = None) -> tuple[float, float]:
+    """(bytes/s, waited share): blob bytes/s of expert reads made the way the cache makes a decode's misses: through the
     cache's own stream and the loader's threads, a layer's misses submitted together and consumed
     before the next layer's, layer after layer, random experts, each pool emptied after its layer
     (as in the no-cache mode). `groups`: misses in one layer's step -> how often (the simulator's
@@ -139,7 +145,9 @@ def blob_read_rate(store, groups: dict[int, int] | None = None, limit: int = 1 <
     again (O_DIRECT reads do not stay in the page cache). With `slots_per_layer`, the reads land in
     a cache of the mode's own shape, a pool of that many slots per MoE layer, as its reads do:
     where they land matters (quarter: 2.8 GB/s into 2 slots used again and again, 1.7-2.2 GB/s
-    spread over the 64 slots, 396 MB, of its no-cache mode, which decoded at ~1.8)."""
+    spread over the 64 slots, 396 MB, of its no-cache mode, which decoded at ~1.8).
+    The waited share is the part of that time spent waiting for the loader (the cache's stall); the
+    rest is the cache's own work around a read, which a decode counts as compute."""
     import random
 
     from ..cache import ExpertCache
@@ -149,7 +157,7 @@ def blob_read_rate(store, groups: dict[int, int] | None = None, limit: int = 1 <
 
     groups = {int(m): int(n) for m, n in (groups or {store.top_k: 1}).items() if n > 0 and m > 0}
     if not groups:
-        return 0
+        return 0, 0.0
     rng = random.Random(seed)
     sizes = [m for m, n in groups.items() for _ in range(n)]
     widest = min(max(sizes), store.num_experts)
@@ -174,7 +182,9 @@ def blob_read_rate(store, groups: dict[int, int] | None = None, limit: int = 1 <
                 reads += m
                 elapsed = time.perf_counter() - started
                 if reads * store.blob_size >= limit or elapsed >= seconds:
-                    return round(reads * store.blob_size / elapsed) if elapsed > 0 else 0
+                    if elapsed <= 0:
+                        return 0, 0.0
+                    return round(reads * store.blob_size / elapsed), min(1.0, stats.stall_seconds / elapsed)
     finally:
         loader.close()
         drop_page_cache(store.path / EXPERTS_FILE)

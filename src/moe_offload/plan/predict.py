@@ -23,6 +23,9 @@ from ..store import DENSE_FILE, Store
 
 TIMING_PROMPT = "Tell me a story."  # any text: the timed decode only needs tokens to follow it
 PLAN_TOKENS = 32  # per turn of `plan`'s timed decode, one turn per seed prompt of `bench`
+# The resident turns are timed this many times, the median kept: on a 2-core VM one timing of a
+# quarter second (the reference store's) once ran 1.47x slower than the mode measured right after it.
+RESIDENT_REPEATS = 3
 
 RUNTIME_BYTES = 400 << 20  # python + torch + transformers + tokenizer, measured RSS of a loaded tiny store ~350 MiB
 
@@ -93,25 +96,32 @@ class Timing:
     # and again with every expert read again at every use, less the waits for those reads: the
     # compute of a token whose every layer step waited (no-cache's)
     seconds_per_token_waited: float | None = None
+    reads_per_token_waited: int = 0  # that pass's reads a token: top-k in every MoE layer
     decoder: ResidentDecode | None = field(default=None, repr=False, compare=False)  # time_decode(keep=True)
 
     def drift(self) -> float:
         """How much longer the same resident turns take now than when they were timed: a shared
         machine's speed moved by up to 1.8x within a minute (README, "Planning"), which the
         prediction should not be judged on. 1.0 without a kept model."""
-        return self.decoder.seconds_per_token() / self.seconds_per_token if self.decoder else 1.0
+        if self.decoder is None:
+            return 1.0
+        return self.decoder.seconds_per_token(RESIDENT_REPEATS) / self.seconds_per_token
 
     def close(self) -> None:
         if self.decoder is not None:
             self.decoder.close()
             self.decoder = None
 
-    def compute(self, all_resident: bool, waited: float = 0.0) -> float:
+    def compute(self, all_resident: bool, waited: float = 0.0, work_per_read: float = 0.0) -> float:
         """Seconds of compute a decode token takes with every expert resident, or with misses, of
-        which the share `waited` of layer steps wait for a read first."""
+        which the share `waited` of layer steps wait for a read first. work_per_read: seconds of
+        the cache's own work around each read that the read term already holds (the disk sample
+        times it), taken out of the waited pass, which counted it as compute."""
         if all_resident or self.seconds_per_token_layered is None:
             return self.seconds_per_token
-        after_wait = self.seconds_per_token_waited or self.seconds_per_token_layered
+        after_wait = self.seconds_per_token_layered
+        if self.seconds_per_token_waited:
+            after_wait = max(after_wait, self.seconds_per_token_waited - work_per_read * self.reads_per_token_waited)
         return (1 - waited) * self.seconds_per_token_layered + waited * after_wait
 
 
@@ -152,14 +162,18 @@ class ResidentDecode:
                                 min_new_tokens=n or self.tokens, do_sample=False,
                                 pad_token_id=self.tok.pad_token_id or self.tok.eos_token_id)
 
-    def seconds_per_token(self) -> float:
-        """The turns decoded as they run; seconds per decode token."""
-        stats = self.model.offload_stats()
-        stats.reset()
-        for ids in self.turns:
-            self.generate(ids)
-        d = stats.as_dict()
-        return d["seconds_decode"] / max(1, d["tokens_decode"])
+    def seconds_per_token(self, repeats: int = 1) -> float:
+        """The turns decoded as they run; seconds per decode token, the median of `repeats` runs."""
+        import statistics
+
+        stats, runs = self.model.offload_stats(), []
+        for _ in range(repeats):
+            stats.reset()
+            for ids in self.turns:
+                self.generate(ids)
+            d = stats.as_dict()
+            runs.append(d["seconds_decode"] / max(1, d["tokens_decode"]))
+        return statistics.median(runs)
 
     def close(self) -> None:
         self.model.close()
@@ -179,7 +193,7 @@ def time_decode(store: Store, tokens: int = 64, prompts=(TIMING_PROMPT,), keep: 
     prompts = (prompts,) if isinstance(prompts, str) else tuple(prompts)
     decoder = ResidentDecode(store, tokens, prompts)
     try:
-        resident = decoder.seconds_per_token()
+        resident = decoder.seconds_per_token(RESIDENT_REPEATS)
         with stack_decode.layer_by_layer(decoder.model):
             layered = decoder.seconds_per_token()
         waited = _time_waited_decode(decoder)
@@ -191,7 +205,7 @@ def time_decode(store: Store, tokens: int = 64, prompts=(TIMING_PROMPT,), keep: 
         finally:
             recorder.close()
         timing = Timing(resident, tokens, prompts, Steps(recorder.trace({})), layered, waited,
-                        decoder if keep else None)
+                        store.top_k * len(store.moe_layers), decoder if keep else None)
     finally:
         if not keep:
             decoder.close()
@@ -284,21 +298,25 @@ def plan(store_path, ram: int, *, disk_read: float | None = None, trace=None, me
                                  f"{timing.tokens} tokens)")
     else:
         hit, source = slots / E, "slots / experts (no trace: routing without locality)"
+    work_per_read = 0.0  # the cache's work around a read that the sampled read rate holds
+    if disk_read is None:
+        from ..bench.roofline import blob_read_sample
+
+        disk_read, waiting = (blob_read_sample(store, groups, limit=256 << 20, slots_per_layer=max(slots, k))
+                              if hit < 1 else (1.0, 1.0))
+        if disk_read <= 0:
+            raise MoeOffloadError("the disk read bandwidth could not be measured")
+        work_per_read = (1 - waiting) * blob / disk_read
     if timing is not None:
         waited = waited_fraction(hit, groups or {k: 1}, k)
-        compute, csource = timing.compute(hit >= 1, waited), ("timed decode, every expert resident" + (
+        compute = timing.compute(hit >= 1, waited, work_per_read)
+        csource = "timed decode, every expert resident" + (
             "" if hit >= 1 else f", layer by layer (as a cache that misses runs), {waited:.0%} of the layer "
-                                "steps at the compute timed after a wait"))
+                                "steps at the compute timed after a wait")
     else:
         from ..bench.roofline import ram_bandwidth
 
         compute, csource = estimate_compute(store, ram_bandwidth(256 << 20)), "bytes / RAM bandwidth"
-    if disk_read is None:
-        from ..bench.roofline import blob_read_rate
-
-        disk_read = blob_read_rate(store, groups, limit=256 << 20, slots_per_layer=max(slots, k)) if hit < 1 else 1.0
-        if disk_read <= 0:
-            raise MoeOffloadError("the disk read bandwidth could not be measured")
     misses, read, tps = decode_rate(store, hit, compute, disk_read)
     return Plan(ram, (store.path / DENSE_FILE).stat().st_size, blob, L, E, k, fits, slots, slots * L * blob, hit,
                 source, misses, compute, csource, disk_read, read, tps if fits else 0.0)
