@@ -36,6 +36,7 @@ def test_generate_json(tiny_store4):
     assert stats["tokens_decode"] == out["completion_tokens"] - 1
     assert stats["tokens_prefill"] == out["prompt_tokens"]
     assert 0 <= stats["hit_rate"] <= 1 and stats["cache_slots"] == 4
+    assert "every expert read" not in result.stderr  # a cache of some experts fills as they are used
 
 
 def test_generate_streams_then_prints_statistics(tiny_store4):
@@ -43,6 +44,9 @@ def test_generate_streams_then_prints_statistics(tiny_store4):
                      "--temperature", "0.8", "--top-p", "0.9", "--seed", "3")
     assert result.returncode == 0, result.stderr
     assert "hit rate" in result.stderr and "decode:" in result.stderr
+    # the auto budget holds every expert of this tiny store: read before the prompt, nothing to guess
+    assert "prefetch off: the cache holds every expert" in result.stderr
+    assert "every expert read into the cache" in result.stderr
 
 
 def test_convert_and_verify(tiny_src, tmp_path):

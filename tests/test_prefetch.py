@@ -42,6 +42,52 @@ def test_guessing_every_expert_gives_full_recall(tiny_store16):
     assert stats["prefetch_recall"] == 1.0
 
 
+def test_the_default_guesses_ahead_unless_the_cache_holds_every_expert(tiny_store16):
+    """Nothing is left to load into a cache of every expert, and without a prefetcher the decode can
+    take the whole stack in one call; a prefetch asked for is kept."""
+    from moe_offload.config import DEFAULT_PREFETCH
+    from moe_offload.store import Store
+
+    experts = Store.open(tiny_store16).num_experts
+    for kwargs, guesses in [(dict(experts_per_layer=experts - 1), DEFAULT_PREFETCH),
+                            (dict(experts_per_layer=experts), 0),
+                            (dict(experts_per_layer=experts, prefetch=2), 2),
+                            (dict(experts_per_layer=experts - 1, prefetch=0), 0),
+                            (dict(experts_per_layer=experts - 1, cache_scope="global"), DEFAULT_PREFETCH),
+                            (dict(expert_cache="1GiB", cache_scope="global"), 0)]:
+        model = moe_offload.load(tiny_store16, **kwargs)
+        try:
+            pf = model.offload_runtime.prefetcher
+            assert (pf.prefetch if pf else 0) == guesses, kwargs
+        finally:
+            model.close()
+
+
+def test_a_cache_of_every_expert_is_read_in_full_before_the_first_prompt(tiny_store16):
+    """The command line preloads such a cache: no expert waits for its first use, and the
+    statistics start afresh."""
+    from moe_offload.store import Store
+
+    experts = Store.open(tiny_store16).num_experts
+    model = moe_offload.load(tiny_store16, experts_per_layer=experts - 1)
+    try:
+        assert not model.offload_runtime.preload() and not model.offload_runtime.cache.resident()
+    finally:
+        model.close()
+    model = moe_offload.load(tiny_store16, experts_per_layer=experts)
+    try:
+        rt = model.offload_runtime
+        assert rt.preload()
+        assert len(rt.cache.resident()) == experts * len(rt.store.moe_layers)
+        assert rt.stats.as_dict()["loads"] == 0  # the preload's reads are not the prompt's
+        ids = torch.randint(3, 1000, (1, 8))
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False, pad_token_id=0)
+        s = rt.stats.as_dict()
+        assert s["misses"] == 0 and s["hits"] > 0 and s["loads"] == 0
+    finally:
+        model.close()
+
+
 def test_statistics_add_up(tiny_store16):
     _, stats = _generate(tiny_store16, experts_per_layer=2, prefetch=2)
     model = moe_offload.load(tiny_store16, experts_per_layer=2)

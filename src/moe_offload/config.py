@@ -58,6 +58,9 @@ class QuantConfig:
         return group
 
 
+DEFAULT_PREFETCH = 2
+
+
 @dataclass(frozen=True)
 class OffloadConfig:
     """Where experts are computed and how many of them the cache holds."""
@@ -65,7 +68,9 @@ class OffloadConfig:
     device: str = "cpu"
     expert_cache: int | str | None = None  # bytes, a size such as "2GiB", or "auto" (model.load)
     experts_per_layer: int | None = None  # the other way to give the budget
-    prefetch: int = 2  # experts guessed per upcoming layer; 0 turns speculation off
+    # experts guessed per upcoming layer; 0 turns speculation off; None: DEFAULT_PREFETCH, or 0 when
+    # the cache holds every expert (nothing is left to load ahead: model.load)
+    prefetch: int | None = None
     lookahead: int = 1  # how many layers ahead to guess
     policy: str = "lru"
     cache_scope: str = "layer"  # one pool per layer (the paper), or one global pool
@@ -77,7 +82,7 @@ class OffloadConfig:
             raise MoeOffloadError(f"policy must be one of {POLICIES}, got {self.policy!r}")
         if self.cache_scope not in SCOPES:
             raise MoeOffloadError(f"cache_scope must be one of {SCOPES}, got {self.cache_scope!r}")
-        if self.prefetch < 0 or self.lookahead < 1:
+        if (self.prefetch is not None and self.prefetch < 0) or self.lookahead < 1:
             raise MoeOffloadError("prefetch must be >= 0 and lookahead >= 1")
         if self.device != "cpu" and not self.device.startswith("cuda"):
             raise MoeOffloadError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")

@@ -297,7 +297,7 @@ def load_model(args):
     import moe_offload
     from transformers import AutoTokenizer
 
-    from .options import announce_cache, load_kwargs
+    from .options import announce_cache, announce_preload, load_kwargs
 
     model = moe_offload.load(args.store, **load_kwargs(args))  # checks the store, says what is wrong
     announce_cache(model)
@@ -305,6 +305,7 @@ def load_model(args):
         # Every kernel now (chats and requests bring long prompts), not inside the first answer; this
         # also gives LLVM's library pages back before the cache fills.
         model.offload_warm_up()
+        announce_preload(model)  # a cache of every expert: all of them now, not at first use
         tokenizer = AutoTokenizer.from_pretrained(args.store, local_files_only=True)
     except BaseException:
         model.close()

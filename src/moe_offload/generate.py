@@ -6,7 +6,7 @@ import sys
 
 from .engine import SamplingParams, chat_prompt_ids, generate_text
 from .model import load
-from .options import announce_cache
+from .options import announce_cache, announce_preload
 
 
 def generate_once(store: str | os.PathLike, prompt: str, *, chat: bool = False, max_new_tokens: int = 64,
@@ -24,6 +24,7 @@ def generate_once(store: str | os.PathLike, prompt: str, *, chat: bool = False, 
         else:
             ids = tokenizer(prompt).input_ids
         model.offload_warm_up(len(ids))  # the kernels this prompt will use: built before it is timed
+        announce_preload(model)  # a cache of every expert: all of them now, not at first use
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
         on_text = (lambda delta: print(delta, end="", flush=True)) if stream else None
         result = generate_text(model, tokenizer, ids, params, on_text=on_text)

@@ -23,7 +23,7 @@ from . import (attention_decode, kernels, kernels_int4pack, layer_decode, memory
                stack_decode, tiers)
 from .archs import MoeSpec, build_meta_model, describe
 from .cache import ExpertCache
-from .config import OffloadConfig, format_size, parse_size
+from .config import DEFAULT_PREFETCH, OffloadConfig, format_size, parse_size
 from .errors import MoeOffloadError
 from .loader import DiskLoader
 from .prefetch import Prefetcher
@@ -122,6 +122,24 @@ class OffloadRuntime:
     def close(self) -> None:
         self.loader.close()
 
+    def holds_every_expert(self) -> bool:
+        """Whether the cache has a slot for every expert of every MoE layer."""
+        every = self.store.num_experts * len(self.store.moe_layers)
+        return sum(len(pool.slots) for pool in self.cache.pools.values()) >= every
+
+    def preload(self) -> bool:
+        """Read every expert into a cache that holds them all, then start the statistics afresh:
+        the decode then runs from its first token as the bench's `resident` mode does, the whole
+        stack in one call (stack_decode.py), instead of waiting for every expert's first use (with
+        128 experts a layer, some may never come). CPU tier only; False when nothing was done."""
+        if self.device != "cpu" or isinstance(self.loader, tiers.HostCache) or not self.holds_every_expert():
+            return False
+        for layer in self.store.moe_layers:
+            for _ in self.cache.stream(layer, range(self.store.num_experts)):
+                pass
+        self.stats.reset()
+        return True
+
 
 def slots_per_pool(store: Store, cfg: OffloadConfig) -> int:
     layers, experts, top_k, blob = store.num_layers, store.num_experts, store.top_k, store.blob_size
@@ -166,7 +184,7 @@ def auto_slots_per_pool(store: Store, cfg: OffloadConfig, loaded: bool = False) 
 
 
 def load(store: str | os.PathLike, *, device: str = "cpu", expert_cache: int | str | None = None,
-         experts_per_layer: int | None = None, prefetch: int = 2, lookahead: int = 1, policy: str = "lru",
+         experts_per_layer: int | None = None, prefetch: int | None = None, lookahead: int = 1, policy: str = "lru",
          cache_scope: str = "layer", dtype: torch.dtype = torch.float32,
          host_cache: int | str | None = None, _tier_costs: tiers.TierCosts | None = None):
     """Load a store as a transformers PreTrainedModel whose experts are offloaded.
@@ -177,6 +195,10 @@ def load(store: str | os.PathLike, *, device: str = "cpu", expert_cache: int | s
     `experts_per_layer` is the other way to give a budget. With neither, the cache holds a quarter of
     the experts: the same on every machine, whatever else the calling process will allocate. The
     returned model has `offload_stats()` and `close()` besides everything transformers gives.
+
+    `prefetch` experts are guessed and loaded ahead for each upcoming layer (0: none). By default 2,
+    or none when the cache holds every expert: then nothing is left to load, and a decode without a
+    prefetcher can take the whole stack in one call (stack_decode.py).
 
     `device="cuda"` puts the dense part, the KV cache and the expert slots (`expert_cache`: the VRAM
     budget) on the GPU, with a pinned host-RAM cache of `host_cache` bytes in front of the disk
@@ -225,7 +247,10 @@ def load(store: str | os.PathLike, *, device: str = "cpu", expert_cache: int | s
         runtime.cache = ExpertCache(st.moe_layers, per_pool, st.blob_size, loader, stats, cfg.cache_scope,
                                     st.layout.views, cfg.policy,
                                     **({"allocate": transport.allocate_device} if transport else {}))
-        runtime.prefetcher = _prefetcher(model, spec, runtime.cache, stats, cfg) if cfg.prefetch else None
+        prefetch = _prefetch_count(cfg, st, per_pool)
+        if cfg.prefetch is None and not prefetch and stats.cache_choice:
+            stats.cache_choice += "; prefetch off: the cache holds every expert"
+        runtime.prefetcher = _prefetcher(model, spec, runtime.cache, stats, cfg, prefetch) if prefetch else None
     except BaseException:
         loader.close()
         raise
@@ -285,7 +310,17 @@ def release_free_heap() -> None:
         pass
 
 
-def _prefetcher(model, spec: MoeSpec, cache, stats, cfg) -> Prefetcher | None:
+def _prefetch_count(cfg: OffloadConfig, store: Store, per_pool: int) -> int:
+    """The experts to guess ahead per layer: as asked, else the default unless the cache's pools
+    hold every expert of every MoE layer."""
+    if cfg.prefetch is not None:
+        return cfg.prefetch
+    pools = len(store.moe_layers) if cfg.cache_scope == "layer" else 1
+    every = store.num_experts * len(store.moe_layers)
+    return 0 if per_pool * pools >= every else DEFAULT_PREFETCH
+
+
+def _prefetcher(model, spec: MoeSpec, cache, stats, cfg, prefetch: int) -> Prefetcher | None:
     """Guesses need each MoE layer's router and the norm in front of it; families whose norm is
     unknown run without speculation."""
     if any(layer.norm is None or layer.router_args is None for layer in spec.layers):
@@ -294,7 +329,7 @@ def _prefetcher(model, spec: MoeSpec, cache, stats, cfg) -> Prefetcher | None:
     norms = {layer.index: model.get_submodule(layer.norm) for layer in spec.layers}
     # The embedding stands in for the first MoE layer's input only when no dense layer precedes it.
     embed = model.get_input_embeddings() if spec.moe_layers[0] == 0 else None
-    return Prefetcher(cache, stats, routers, norms, cfg.prefetch, cfg.lookahead, embed)
+    return Prefetcher(cache, stats, routers, norms, prefetch, cfg.lookahead, embed)
 
 
 def _all_formats(st: Store):

@@ -15,8 +15,9 @@ def add_budget_args(p: argparse.ArgumentParser, auto: bool = True) -> None:
                         "runtime reserve and a 5%% margin; the choice is printed) " +
                         ("(default auto)" if auto else "(default: a quarter of the experts)"))
     budget.add_argument("--experts-per-layer", type=int, metavar="K", help="experts cached per layer")
-    p.add_argument("--prefetch", type=int, default=2, metavar="K",
-                   help="experts guessed ahead per layer; 0 turns speculative loading off (default 2)")
+    p.add_argument("--prefetch", type=int, default=None, metavar="K",
+                   help="experts guessed ahead per layer; 0 turns speculative loading off (default 2, or 0 when "
+                   "the cache holds every expert: nothing is left to load ahead)")
     p.add_argument("--lookahead", type=int, default=1, help="layers ahead to guess (default 1)")
     p.add_argument("--cache-scope", choices=["layer", "global"], default="layer",
                    help="one LRU pool per layer (the paper) or one global pool (default layer)")
@@ -54,3 +55,18 @@ def announce_cache(model) -> None:
     choice = model.offload_stats().cache_choice
     if choice:
         print(choice, file=sys.stderr, flush=True)
+
+
+def announce_preload(model) -> None:
+    """Read every expert into a cache that holds them all (OffloadRuntime.preload) and say so on
+    stderr, with what it read and how long it took."""
+    import sys
+    import time
+
+    from .config import format_size
+
+    rt, started = model.offload_runtime, time.perf_counter()
+    if rt.preload():
+        size = rt.store.blob_size * rt.store.num_experts * len(rt.store.moe_layers)
+        print(f"every expert read into the cache ({format_size(size)} in {time.perf_counter() - started:.1f} s)",
+              file=sys.stderr, flush=True)
