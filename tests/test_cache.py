@@ -239,3 +239,21 @@ def test_pin_resident_keeps_the_books_of_stream(requests, capacity, guesses):
         assert sorted(e for e, _ in got) == experts
         assert _state(fast, fast_stats) == _state(plain, plain_stats)
         fast.check_invariants()
+
+
+def test_fill_reads_into_free_slots_only_and_never_evicts():
+    stats = OffloadStats(2)
+    loader = InstantLoader()
+    cache = ExpertCache([0, 1], 3, BLOB, loader, stats, "layer")
+    list(cache.stream(0, [4]))
+    reads = cache.fill(0, range(6)) + cache.fill(1, [0, 1])
+    assert len(reads) == 4 and all(r.done() for r in reads)
+    assert sorted(cache.resident()) == [(0, 0), (0, 1), (0, 4), (1, 0), (1, 1)]  # expert 4 kept, 2-5 found no slot
+    assert loader.reads == [(0, 4), (0, 0), (0, 1), (1, 0), (1, 1)]
+    assert cache.fill(0, range(6)) == [] and stats.evictions == 0  # the pool is full: nothing read, none evicted
+    for layer, expert in cache.resident():  # each slot holds what was read into it
+        views = cache.residency[(layer, expert)].buffer
+        assert (int(views[0]), int(views[1])) == (layer, expert)
+    cache.check_invariants()
+    list(cache.stream(0, [1, 4]))
+    assert stats.misses[0] == 1 and stats.hits[0] == 2  # filled experts are hits on their first use

@@ -156,6 +156,20 @@ class ExpertCache:
             self.stats.add(prefetch_loads=started)
         return started
 
+    def fill(self, layer: int, experts) -> list[Future]:
+        """Start reading the given experts of a layer into free slots, never evicting one (a cache
+        filled before its first use); returns the reads' futures."""
+        pool, futures = self.pool(layer), []
+        with self.lock:
+            for e in experts:
+                key = (layer, int(e))
+                if key in self.residency or not pool.free:
+                    continue
+                slot = pool.free.pop()
+                self._load(pool, slot, key)
+                futures.append(slot.future)
+        return futures
+
     def stream(self, layer: int, experts, hold: bool = False) -> Iterator[tuple[int, object]]:
         """Yield (expert, slot views) for every requested expert, resident ones first, misses as
         their reads complete. Each expert stays pinned until the caller asks for the next one, so

@@ -134,9 +134,12 @@ class OffloadRuntime:
         128 experts a layer, some may never come). CPU tier only; False when nothing was done."""
         if self.device != "cpu" or isinstance(self.loader, tiers.HostCache) or not self.holds_every_expert():
             return False
-        for layer in self.store.moe_layers:
-            for _ in self.cache.stream(layer, range(self.store.num_experts)):
-                pass
+        # Every read submitted at once keeps the loader's threads busy across layers (a layer at a
+        # time through `stream`: quarter's 1,512 MiB 3.0-3.4 s against 2.2-2.8, qwen3-quarter's
+        # 984 MiB 3.7 s against 1.4-1.5).
+        reads = [f for layer in self.store.moe_layers for f in self.cache.fill(layer, range(self.store.num_experts))]
+        for read in reads:
+            read.result()  # a blob that fails its check raises the store's own error here
         self.stats.reset()
         return True
 
