@@ -133,11 +133,12 @@ def blob_read_rate(store, groups: dict[int, int] | None = None, limit: int = 1 <
 
 def blob_read_sample(store, groups: dict[int, int] | None = None, limit: int = 1 << 30, seconds: float = 1.0,
                      seed: int = 0, slots_per_layer: int | None = None) -> tuple[float, float]:
-    """(bytes/s, waited share): blob bytes/s of expert reads made the way the cache makes a decode's misses: through the
-    cache's own stream and the loader's threads, a layer's misses submitted together and consumed
-    before the next layer's, layer after layer, random experts, each pool emptied after its layer
-    (as in the no-cache mode). `groups`: misses in one layer's step -> how often (the simulator's
-    decode_miss_groups; default: top-k, every expert missed), drawn in those proportions. The
+    """(bytes/s, waited share). Bytes/s: of expert reads made the way the cache makes a decode's
+    misses, through the cache's own stream and the loader's threads, a layer's misses submitted
+    together and consumed before the next layer's, layer after layer, random experts, each pool
+    emptied after its layer (as in the no-cache mode). `groups`: misses in one layer's step -> how
+    often (the simulator's decode_miss_groups; default: top-k, every expert missed), drawn in those
+    proportions. The
     per-read cost this includes (the cache's bookkeeping, the hand-off to a loader thread and back,
     a lone miss getting one thread of two) is what bandwidth alone misses on small blobs: 124 KiB
     blobs cost 0.29 ms each live against 0.11 ms at blob_bandwidth's rate (README, "Planning").
