@@ -79,3 +79,13 @@ def test_commands_freeze_the_loaded_heap(tiny_store4, monkeypatch):
     model, _ = load_model(args)
     model.close()
     assert calls[-2:] == ["collect", "freeze"]
+
+
+def test_generate_once_echoes_the_prompt_right_before_its_text(tiny_store4, capsys):
+    """The demo's line: the prompt, then its continuation; what loading says goes to stderr first."""
+    from moe_offload.generate import generate_once
+
+    out = generate_once(tiny_store4, "hello", max_new_tokens=4, echo_prompt=True, expert_cache="auto")  # all fit
+    printed = capsys.readouterr()
+    assert printed.out == "hello" + out["text"] + "\n"
+    assert "every expert read into the cache" in printed.err

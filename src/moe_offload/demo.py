@@ -47,9 +47,8 @@ def run_demo(workdir: str | Path = ".demo", max_new_tokens: int = 48) -> dict:
     for name, kwargs in (offloaded,
                          ("all experts resident", {"experts_per_layer": experts, "prefetch": 0})):
         print(f"\n=== {name} ===", file=sys.stderr)
-        if not chat:
-            print(prompt, end="", file=sys.stdout)
-        runs[name] = generate_once(store, prompt, chat=chat, max_new_tokens=max_new_tokens, **kwargs)
+        runs[name] = generate_once(store, prompt, chat=chat, max_new_tokens=max_new_tokens, echo_prompt=not chat,
+                                   **kwargs)
         print(file=sys.stderr)
     if trained:
         print(f"\n(the reference MoE, trained on the King James Bible: {src})\n")
