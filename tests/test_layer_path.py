@@ -167,7 +167,6 @@ def test_the_fused_layer_step_computes_misses_and_guesses_as_the_module_call(fam
     in the attention call (attend_route_experts) at every fused step, and once a token has shown the
     layers' order, every later token's layers are one call (stack_decode): the same floats and hits."""
     from moe_offload import _decode_jit, attention_decode, layer_decode
-    from moe_offload.bench.mode import _load_all_experts
     from moe_offload.moe import LayerExperts
 
     config = tiny_moe_config(family, **{**NAMED[family], **overrides})
@@ -194,7 +193,7 @@ def test_the_fused_layer_step_computes_misses_and_guesses_as_the_module_call(fam
         model = moe_offload.load(store, **options)
         try:
             if preload:
-                _load_all_experts(model)
+                model.offload_runtime.preload()
             for m in model.modules():
                 if isinstance(getattr(m, "_decode_path", None), layer_decode._LayerPath):
                     m._decode_path.fused = fuse
@@ -241,7 +240,6 @@ def test_the_stacked_step_gives_way_to_hooks_on_the_layers(tmp_path):
     states) makes every later token run layer by layer (the stack's output would be seen as every
     layer's): what the hooks see is what they see on the unfused steps, bit for bit."""
     from moe_offload import _decode_jit, layer_decode
-    from moe_offload.bench.mode import _load_all_experts
 
     config = tiny_moe_config("mixtral", **{**NAMED["mixtral"], "hidden_size": 64, "intermediate_size": 96,
                                           "sliding_window": None})
@@ -255,7 +253,7 @@ def test_the_stacked_step_gives_way_to_hooks_on_the_layers(tmp_path):
     def run(fuse: bool):
         model = moe_offload.load(store, experts_per_layer=Store.open(store).num_experts, prefetch=0)
         try:
-            _load_all_experts(model)
+            model.offload_runtime.preload()
             for m in model.modules():
                 if isinstance(getattr(m, "_decode_path", None), layer_decode._LayerPath):
                     m._decode_path.fused = fuse
@@ -293,7 +291,6 @@ def test_two_threads_decode_stacked_with_one_model(tmp_path):
     import threading
 
     from moe_offload import _decode_jit
-    from moe_offload.bench.mode import _load_all_experts
 
     config = tiny_moe_config("qwen3_moe", **{**NAMED["qwen3_moe"], "hidden_size": 96, "moe_intermediate_size": 64,
                                             "num_experts_per_tok": 4, "num_experts": 16, "mlp_only_layers": []})
@@ -304,7 +301,7 @@ def test_two_threads_decode_stacked_with_one_model(tmp_path):
     calls, real = [], _decode_jit.stack
     _decode_jit.stack = lambda *a: calls.append(1) or real(*a)
     try:
-        _load_all_experts(model)
+        model.offload_runtime.preload()
         prompts = [torch.randint(3, config.vocab_size, (1, 5), generator=torch.Generator().manual_seed(s)) for s in (1, 2)]
         kw = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=None,
                   output_logits=True, return_dict_in_generate=True, attention_mask=torch.ones(1, 5, dtype=torch.long))

@@ -67,7 +67,7 @@ def run_mode(spec: dict, progress) -> dict:
                 model.offload_warm_up()  # the prefill kernels load() leaves to first use: the long prefill is timed
             _generate(model, tokenizer, WARMUP_PROMPT, 2)
             if mode == "resident":
-                _load_all_experts(model)
+                model.offload_runtime.preload()  # every expert read before timing, as the command line does
             freeze_heap()  # as the command line does after loading (engine.freeze_heap), for every mode
             drop_page_cache(*spec["drop"])
             load_peak = _peak_rss()
@@ -157,14 +157,6 @@ def _top_k(store: str) -> int:
     from ..store import Store
 
     return Store.open(store).top_k
-
-
-def _load_all_experts(model) -> None:
-    """resident mode: read every expert into its slot before timing (the pools hold them all)."""
-    rt = model.offload_runtime
-    for layer in rt.store.moe_layers:
-        for _ in rt.cache.stream(layer, range(rt.store.num_experts)):
-            pass
 
 
 def _chat_ids(tokenizer, prompt: str):
