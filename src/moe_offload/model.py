@@ -250,7 +250,9 @@ def load(store: str | os.PathLike, *, device: str = "cpu", expert_cache: int | s
         runtime.cache = ExpertCache(st.moe_layers, per_pool, st.blob_size, loader, stats, cfg.cache_scope,
                                     st.layout.views, cfg.policy,
                                     **({"allocate": transport.allocate_device} if transport else {}))
-        prefetch = _prefetch_count(cfg, st, per_pool)
+        # by default nothing is guessed for a cache of every expert: nothing is left to load ahead
+        prefetch = cfg.prefetch if cfg.prefetch is not None else (
+            0 if runtime.holds_every_expert() else DEFAULT_PREFETCH)
         if cfg.prefetch is None and not prefetch and stats.cache_choice:
             stats.cache_choice += "; prefetch off: the cache holds every expert"
         runtime.prefetcher = _prefetcher(model, spec, runtime.cache, stats, cfg, prefetch) if prefetch else None
@@ -311,16 +313,6 @@ def release_free_heap() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
-
-
-def _prefetch_count(cfg: OffloadConfig, store: Store, per_pool: int) -> int:
-    """The experts to guess ahead per layer: as asked, else the default unless the cache's pools
-    hold every expert of every MoE layer."""
-    if cfg.prefetch is not None:
-        return cfg.prefetch
-    pools = len(store.moe_layers) if cfg.cache_scope == "layer" else 1
-    every = store.num_experts * len(store.moe_layers)
-    return 0 if per_pool * pools >= every else DEFAULT_PREFETCH
 
 
 def _prefetcher(model, spec: MoeSpec, cache, stats, cfg, prefetch: int) -> Prefetcher | None:

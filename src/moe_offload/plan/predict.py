@@ -143,15 +143,11 @@ class ResidentDecode:
             self.tok = tok = AutoTokenizer.from_pretrained(store.path, local_files_only=True)
             self.turns = [torch.tensor([chat_prompt_ids(tok, [{"role": "user", "content": p}]) if tok.chat_template
                                         else tok(p).input_ids]) for p in prompts]
-            self.generate(self.turns[0], 4)  # loads every expert it touches
-            self.load_all()  # and the rest, so the timed runs read nothing
+            self.generate(self.turns[0], 4)
+            self.model.offload_runtime.preload()  # every expert, so the timed runs read nothing
         except BaseException:
             self.model.close()
             raise
-
-    def load_all(self) -> None:
-        for layer in self.store.moe_layers:
-            list(self.model.offload_runtime.cache.stream(layer, range(self.store.num_experts)))
 
     def generate(self, ids, n: int | None = None) -> None:
         """Exactly n tokens (default: the timed count), greedy: an early end-of-sequence would time nothing."""
@@ -258,7 +254,7 @@ def _time_waited_decode(decoder: ResidentDecode) -> float:
         cache.stream = stream
         for h in hooks:
             h.remove()
-        decoder.load_all()  # resident again, for the passes after this
+        decoder.model.offload_runtime.preload()  # resident again, for the passes after this
     return max(0.0, d["seconds_decode"] - seen["decode_stall"]) / max(1, d["tokens_decode"])
 
 
