@@ -82,7 +82,9 @@ def test_hits_and_misses_in_each_tier_and_bytes_per_hop():
     got = [(e, int(b[1])) for e, b in device.stream(0, [2])]  # device miss, host hit: one copy, no read
     assert got == [(2, 2)]
     assert stats.host_hits == 1 and disk.reads[-1] == (0, 3) and len(disk.reads) == 3
-    assert stats.bytes_to_device == 4 * BLOB and copy.copies == [(0, 1), (0, 2), (0, 3), (0, 2)]
+    assert stats.bytes_to_device == 4 * BLOB
+    # the first two copies follow two reads made in parallel: either may finish first
+    assert sorted(copy.copies[:2]) == [(0, 1), (0, 2)] and copy.copies[2:] == [(0, 3), (0, 2)]
     host.check_invariants()
     device.check_invariants()
 
