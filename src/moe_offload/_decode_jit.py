@@ -6,7 +6,10 @@ same floats as kernels_layer.linear gives.
 import numpy as np
 from numba import njit, prange
 
+from ._jit_cache import install
 from ._layer_jit import _OPTS, _quant_group, layer, layer_serial, rowblock
+
+install()  # before the first decorator: a change to any kernel file recompiles every kernel
 
 
 @njit(inline="always", error_model="numpy", boundscheck=False)

@@ -12,6 +12,10 @@ Everything is fp32 with the reference's rounding, up to summation order.
 import numpy as np
 from numba import njit, prange
 
+from ._jit_cache import install
+
+install()  # before the first decorator: a change to any kernel file recompiles every kernel
+
 NB = 2048  # rows per block: 8 KiB contiguous per word row (page-sized streams), accumulators in L1
 _OPTS = dict(nogil=True, cache=True, fastmath={"contract"}, error_model="numpy", boundscheck=False)
 # fastmath only contracts a*b+c to FMA: "reassoc" would fold the four FMA chains back into one.

@@ -7,6 +7,10 @@ loops run along j, contiguous in both the codes and the output row, so they vect
 import numpy as np
 from numba import njit, prange
 
+from ._jit_cache import install
+
+install()  # before the first decorator: a change to any kernel file recompiles every kernel
+
 _OPTS = dict(nogil=True, cache=True, fastmath={"contract"}, error_model="numpy", boundscheck=False)
 
 

@@ -34,6 +34,10 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from ._jit_cache import install
+
+install()  # before the first decorator: a change to any kernel file recompiles every kernel
+
 _OPTS = dict(nogil=True, cache=True, error_model="numpy", boundscheck=False)
 
 TAGS = {"vnni512": np.int8, "vnni256": np.int16, "avx2": np.int64, "portable": np.int32}
