@@ -321,3 +321,71 @@ def test_resident_bytes_says_none_where_the_system_cannot_tell():
 
     buf = aligned_buffer(1 << 20)
     assert memory.resident_bytes(buf[1:]) is None  # not on a page boundary: mincore refuses
+
+
+def _resident_pages(path, start: int, length: int) -> int:
+    """Pages of [start, start + length) of the file that are in the page cache (mincore)."""
+    import ctypes
+    import mmap
+
+    with open(path, "rb") as f:
+        mem = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    try:
+        first = start - start % mmap.PAGESIZE
+        n = -(-(start + length - first) // mmap.PAGESIZE)
+        vec = (ctypes.c_ubyte * n)()
+        buf = ctypes.c_char.from_buffer(mem)
+        libc = ctypes.CDLL(None, use_errno=True)
+        ok = libc.mincore(ctypes.c_void_p(ctypes.addressof(buf) + first), ctypes.c_size_t(n * mmap.PAGESIZE), vec)
+        del buf
+        assert ok == 0, os.strerror(ctypes.get_errno())
+        return sum(v & 1 for v in vec)
+    finally:
+        mem.close()
+
+
+def test_a_lookup_reads_its_page_not_the_pages_around_it_and_preload_reads_the_table(tmp_path):
+    """The mapped table is advised random: a row looked up on a cold page cache brings in its own
+    page, not the kernel's read-around (32 pages of 4 KiB with the usual 128 KiB); read_ahead (what
+    preload asks for) brings in the whole table."""
+    import time
+
+    from safetensors.torch import save_file
+
+    from moe_offload.model import _map_tensor
+
+    table = torch.randn(4096, 256).to(torch.bfloat16)  # 2 MiB
+    path = tmp_path / "dense.safetensors"
+    save_file({"embed.weight": table}, str(path))
+    weight, mapping = _map_tensor(path, "embed.weight")
+    fd = os.open(path, os.O_RDONLY)
+    try:  # after reading the header, whose read-ahead brought in the table's first pages
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    if _resident_pages(path, mapping.start, mapping.length) > 2:
+        pytest.skip("this file system keeps the file in the page cache (e.g. tmpfs): nothing to read")
+    embed = StoredEmbedding(weight, torch.float32, None, mapping)
+    assert torch.equal(embed(torch.tensor([[2000]])), table[2000].float().view(1, 1, -1))
+    assert 1 <= _resident_pages(path, mapping.start, mapping.length) <= 2  # the row's page (a row may straddle two)
+    embed.read_ahead()
+    pages = -(-mapping.length // 4096)
+    for _ in range(100):
+        if _resident_pages(path, mapping.start, mapping.length) >= pages:
+            break
+        time.sleep(0.05)
+    assert _resident_pages(path, mapping.start, mapping.length) >= pages
+
+
+def test_preload_reads_the_mapped_table_ahead(tiny_store4, monkeypatch):
+    asked = []
+    monkeypatch.setattr(StoredEmbedding, "read_ahead", lambda self: asked.append(self))
+    from moe_offload.store import Store
+
+    model = moe_offload.load(tiny_store4, experts_per_layer=Store.open(tiny_store4).num_experts)
+    try:
+        assert model.offload_runtime.preload()
+        assert asked == [model.get_input_embeddings()]
+    finally:
+        model.close()
