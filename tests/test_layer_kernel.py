@@ -123,7 +123,8 @@ def _layer_error_ok(y, x, experts, weights):
 
 LAYERS = [  # H, I, top-k, bits, group
     (512, 192, 8, 4, 64), (512, 192, 1, 2, 32), (1024, 3584, 2, 4, 64), (544, 96, 3, 3, 32),
-    (32, 32, 1, 4, 32), (256, 128, 5, 8, 128), (1056, 64, 4, 2, 32)]
+    (32, 32, 1, 4, 32), (256, 128, 5, 8, 128), (1056, 64, 4, 2, 32),
+    (256, 1280, 3, 4, 32)]  # 120 phase-1 units: claims longer than a BATCH, claims that span two experts
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -144,10 +145,12 @@ def test_layer_matches_reference(variant, H, inter, k, bits, group):
 def test_variants_agree_bitwise():
     """Integer dot products are exact and the fp32 steps run in the same order in every variant,
     whichever thread computes a unit."""
-    experts = _experts(512, 192, 4, 4, 64)
-    x, weights = torch.randn(512), torch.rand(4).tolist()
-    ys = [kl.moe_layer_decode(x, experts, weights, "silu", variant_=v, threads=t) for v in VARIANTS for t in (1, 2)]
-    assert all(torch.equal(ys[0], y) for y in ys[1:])  # also: one thread (no parallel launch) or two
+    for H, inter, k, group in ((512, 192, 4, 64), (256, 1280, 3, 32)):  # the second: claims of several batches
+        experts = _experts(H, inter, k, 4, group)
+        x, weights = torch.randn(H), torch.rand(k).tolist()
+        ys = [kl.moe_layer_decode(x, experts, weights, "silu", variant_=v, threads=t) for v in VARIANTS
+              for t in (1, 2)]
+        assert all(torch.equal(ys[0], y) for y in ys[1:])  # also: one thread (no parallel launch) or two
 
 
 def test_a_wrong_weight_ordering_is_caught():
