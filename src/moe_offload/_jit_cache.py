@@ -51,6 +51,9 @@ def install() -> None:
     classes = caching.CacheImpl._locator_classes
     if any(getattr(c, "moe_offload_stamped", False) for c in classes):
         return
-    bases = [c for c in (caching.UserProvidedCacheLocator, caching.InTreeCacheLocator, caching.UserWideCacheLocator)
-             if c in classes]
+    # (named with a leading underscore before numba 0.61)
+    bases = [c for c in classes if c.__name__.lstrip("_") in _FILE_LOCATORS]
     classes[:0] = [_stamped(c) for c in bases]
+
+
+_FILE_LOCATORS = ("UserProvidedCacheLocator", "InTreeCacheLocator", "UserWideCacheLocator")
