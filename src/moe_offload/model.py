@@ -100,8 +100,11 @@ class StoredEmbedding(nn.Module):
         super().__init__()
         self.num_embeddings, self.embedding_dim = weight.shape
         self.padding_idx, self.out_dtype, self.mapping = padding_idx, dtype, mapping
-        self.mapped = mapping is not None
         self.register_buffer("weight", weight)
+
+    @property
+    def mapped(self) -> bool:
+        return self.mapping is not None
 
     def read_ahead(self) -> None:
         """Have the kernel read the whole mapped table in the background, so that no later lookup

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from .config import DEFAULT_PREFETCH
+
 
 def add_budget_args(p: argparse.ArgumentParser, auto: bool = True) -> None:
     """The cache and prefetch options shared by generate, chat, serve and bench. `auto`: the cache
@@ -16,8 +18,8 @@ def add_budget_args(p: argparse.ArgumentParser, auto: bool = True) -> None:
                         ("(default auto)" if auto else "(default: a quarter of the experts)"))
     budget.add_argument("--experts-per-layer", type=int, metavar="K", help="experts cached per layer")
     p.add_argument("--prefetch", type=int, default=None, metavar="K",
-                   help="experts guessed ahead per layer; 0 turns speculative loading off (default 2, or 0 when "
-                   "the cache holds every expert: nothing is left to load ahead)")
+                   help=f"experts guessed ahead per layer; 0 turns speculative loading off (default "
+                   f"{DEFAULT_PREFETCH}, or 0 when the cache holds every expert: nothing is left to load ahead)")
     p.add_argument("--lookahead", type=int, default=1, help="layers ahead to guess (default 1)")
     p.add_argument("--cache-scope", choices=["layer", "global"], default="layer",
                    help="one LRU pool per layer (the paper) or one global pool (default layer)")

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import gc
 
-from ..plan.predict import decode_rate, time_decode, trace_misses, waited_fraction
+from ..plan.predict import decode_rate, read_work, time_decode, trace_misses, waited_fraction
 from .mode import OURS
 from .roofline import blob_read_rate, blob_read_sample
 
@@ -64,7 +64,7 @@ class Forecast:
         slots = self.slots_per_layer(mode) if hit < 1 else None
         disk, waiting = (blob_read_sample(self.st, groups, limit=DISK_SAMPLE, slots_per_layer=slots)
                          if hit < 1 else (0, 1.0))
-        work_per_read = (1 - waiting) * self.st.blob_size / disk if disk else 0.0  # held by the read term
+        work_per_read = read_work(self.st.blob_size, disk, waiting)  # held by the read term
         waited = waited_fraction(hit, groups, self.st.top_k)
         drift = self.timing.drift()  # the machine's speed now against when the turns were timed
         compute = self.timing.compute(hit >= 1, waited, work_per_read) * drift

@@ -70,6 +70,12 @@ def waited_fraction(hit_rate: float, groups: dict[int, int], top_k: int) -> floa
     return min(1.0, sum(groups.values()) * (1 - hit_rate) * top_k / misses)
 
 
+def read_work(blob: int, disk_read: float, waiting: float) -> float:
+    """Seconds of the cache's own work around one read (not its wait for the loader), which a read
+    sampled at disk_read bytes/s with this waited share holds: the compute a waited step counted."""
+    return (1 - waiting) * blob / disk_read if disk_read else 0.0
+
+
 def trace_misses(trace, slots: int, policy: str = "lru", scope: str = "layer") -> tuple[float, dict[int, int]]:
     """The simulator over a trace's decode steps (what a decode token pays), at this cache size: the
     hit rate, and how the misses group by layer step (misses in one step of one layer -> how often),
@@ -302,7 +308,7 @@ def plan(store_path, ram: int, *, disk_read: float | None = None, trace=None, me
                               if hit < 1 else (1.0, 1.0))
         if disk_read <= 0:
             raise MoeOffloadError("the disk read bandwidth could not be measured")
-        work_per_read = (1 - waiting) * blob / disk_read
+        work_per_read = read_work(blob, disk_read, waiting)
     if timing is not None:
         waited = waited_fraction(hit, groups or {k: 1}, k)
         compute = timing.compute(hit >= 1, waited, work_per_read)
