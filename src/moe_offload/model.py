@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import (attention_decode, kernels, kernels_int4pack, layer_decode, memory, moe, norm_decode, router_decode,
-               stack_decode, tiers)
+from . import (attention_decode, base_decode, kernels, kernels_int4pack, layer_decode, memory, moe, norm_decode,
+               router_decode, stack_decode, tiers)
 from .archs import MoeSpec, build_meta_model, describe
 from .cache import ExpertCache
 from .config import DEFAULT_PREFETCH, OffloadConfig, format_size, parse_size
@@ -292,6 +292,7 @@ def load(store: str | os.PathLike, *, device: str = "cpu", expert_cache: int | s
     if fast_decode:
         fast_decode = attention_decode.install(model) + norm_decode.install(model) + router_decode.install(model) > 0
         layer_decode.install(model)  # after the three above: it builds on their paths
+        base_decode.install(model)  # after layer_decode: it hands whole tokens to its stack runner
     model.offload_runtime = runtime
     runtime.mapped_tables = [m for m in model.modules() if isinstance(m, StoredEmbedding) and m.mapped]
     model.offload_spec = spec

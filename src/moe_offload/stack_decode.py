@@ -76,7 +76,18 @@ class StackRunner:
         if self.enabled is None:
             local.watch = []  # this token's layer calls show whether the stack may be taken
             return None
-        return self._run(hidden_states, *got)
+        out = self._run(hidden_states, *got)
+        if out is not None and getattr(local, "seen", 0) is None:  # base_decode's check watches this token
+            local.seen = (hidden_states, kwargs, out)
+        return out
+
+    def run(self, hidden_states, kwargs):
+        """The whole stack on one token when no layer call follows (base_decode takes the base
+        model's forward): its output, or None if it does not take this token."""
+        if self.enabled is not True or getattr(self.local, "pending", None) is not None:
+            return None
+        got = self._inputs(hidden_states, (), kwargs)
+        return None if got is None else self._run(hidden_states, *got, hand_on=False)
 
     def watching(self) -> bool:
         return getattr(self.local, "watch", None) is not None
@@ -145,7 +156,7 @@ class StackRunner:
                                   [s.buf for s in layers])
         return static[1], kv[1]
 
-    def _run(self, hidden_states, cos, sin, n, layers, changes):
+    def _run(self, hidden_states, cos, sin, n, layers, changes, hand_on=True):
         static, kv = self._arrays(layers)
         if static is None:
             return None
@@ -169,7 +180,7 @@ class StackRunner:
         for s in layers:
             kv_buffer.advance(s.cache_layer, s.buf)
         out = torch.from_numpy(x).view(hidden_states.shape)
-        self.local.pending = (out, 1) if len(layers) > 1 else None
+        self.local.pending = (out, 1) if hand_on and len(layers) > 1 else None  # the later layers' calls
         return out
 
 
