@@ -220,10 +220,10 @@ def test_the_fused_layer_step_computes_misses_and_guesses_as_the_module_call(fam
         if options.get("preload") and n_moe < config.num_hidden_layers:  # a dense MLP layer: no stack
             assert in_attention_steps == steps and stacked_tokens == 0
         elif options.get("preload"):  # (without it, a layer may become fully resident mid-way)
-            # layer by layer: the first fused token (it moves the KV cache into kv_buffer's buffers)
-            # and the one that shows the layers' order; every later token stacked
-            assert in_attention_steps == steps == 2 * n_moe
-            assert stacked_tokens == STEPS - 4
+            # layer by layer: the first fused token, which shows the layers' order; every later
+            # token stacked (the stack moves the prompt's KV cache into kv_buffer's buffers itself)
+            assert in_attention_steps == steps == n_moe
+            assert stacked_tokens == STEPS - 3
         elif options["experts_per_layer"] < st.num_experts or options["prefetch"]:
             assert in_attention_steps == stacked_tokens == 0
         if not options["prefetch"]:
@@ -329,3 +329,45 @@ def test_two_threads_decode_stacked_with_one_model(tmp_path):
     finally:
         _decode_jit.stack = real
         model.close()
+
+
+def test_a_later_prompt_stacks_from_its_first_token_and_through_buffer_growth(tmp_path):
+    """After a prompt, the stack moves the layers' keys and values into kv_buffer's buffers itself,
+    and into larger ones when a buffer is full: every decode token of a later prompt is stacked,
+    with the unfused steps' floats."""
+    from moe_offload import _decode_jit, kv_buffer, layer_decode
+
+    config = tiny_moe_config("mixtral", **{**NAMED["mixtral"], "hidden_size": 64, "intermediate_size": 96,
+                                          "sliding_window": None})
+    src = build_random_moe(tmp_path / "src", config, seed=13, tokenizer=False)
+    store = moe_offload.convert(src, tmp_path / "st", expert_bits=4, dense_bits=4, expert_format="rowtile",
+                                progress=False)
+    first = torch.randint(3, config.vocab_size, (1, 3), generator=torch.Generator().manual_seed(1))
+    # room for 64 positions (kv_buffer._MIN_ROOM) after a 30-token prompt: full after 34 new tokens
+    later = torch.randint(3, config.vocab_size, (1, 30), generator=torch.Generator().manual_seed(2))
+    new = kv_buffer._MIN_ROOM - later.shape[1] + 6
+    kw = dict(do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0, eos_token_id=None)
+
+    def run(fuse: bool):
+        model = moe_offload.load(store, experts_per_layer=Store.open(store).num_experts, prefetch=0)
+        calls, real = [], _decode_jit.stack
+        _decode_jit.stack = lambda *a: calls.append(1) or real(*a)
+        try:
+            model.offload_runtime.preload()
+            for m in model.modules():
+                if isinstance(getattr(m, "_decode_path", None), layer_decode._LayerPath):
+                    m._decode_path.fused = fuse
+            model.generate(first, attention_mask=torch.ones_like(first), max_new_tokens=STEPS, min_new_tokens=STEPS,
+                           **kw)
+            before = len(calls)
+            out = model.generate(later, attention_mask=torch.ones_like(later), max_new_tokens=new,
+                                 min_new_tokens=new, **kw)
+            return torch.stack(out.logits), len(calls) - before
+        finally:
+            _decode_jit.stack = real
+            model.close()
+
+    fused, stacked = run(True)
+    unfused, unfused_stacked = run(False)
+    assert stacked == new - 1 and unfused_stacked == 0  # every decode forward, the one past the room too
+    assert torch.equal(fused, unfused)

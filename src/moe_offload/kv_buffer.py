@@ -41,7 +41,7 @@ def append(layer, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray,
     # The layer still holds the views this wrote last (checked by identity): nothing else to check.
     if (buf is None or layer.keys is not buf.kview or layer.values is not buf.vview or buf.length >= buf.knp.shape[1]
             or k.shape[0] != buf.width or v.shape[0] != buf.width):
-        buf = _adopt(layer, k, v)
+        buf = _adopt(layer, k.shape[0]) if v.shape == k.shape else None
         if buf is None:
             return None
     n = buf.length
@@ -60,6 +60,14 @@ def current(layer) -> _Buffer | None:
     return buf
 
 
+def ready(layer, width: int) -> _Buffer | None:
+    """current(layer), or else a new buffer holding the layer's keys and values (a prompt's update()
+    replaced them: the first decode token after it), for a caller that writes position `length`
+    of `width` (KV * hd) floats itself, then calls advance; None for a layer this does not handle."""
+    buf = current(layer)
+    return buf if buf is not None and buf.width == width else _adopt(layer, width)
+
+
 def advance(layer, buf: _Buffer) -> None:
     """The position written at buf.length becomes part of the layer's keys and values."""
     n = buf.length + 1
@@ -68,13 +76,13 @@ def advance(layer, buf: _Buffer) -> None:
     layer.values = buf.vview = buf.values.narrow(2, 0, n)
 
 
-def _adopt(layer, k: np.ndarray, v: np.ndarray) -> _Buffer | None:
+def _adopt(layer, width: int) -> _Buffer | None:
     """A new buffer holding the layer's current keys and values, with room to grow; None if the
-    layer is not one append handles."""
+    layer is not one append handles or its positions are not `width` floats."""
     keys, values = layer.keys, layer.values
     if (not layer.is_initialized or keys is None or keys.dim() != 4 or keys.shape[0] != 1 or keys.dtype != torch.float32
             or values.dtype != torch.float32 or not keys.is_cpu or keys.shape != values.shape or keys.shape[-2] == 0
-            or k.shape[0] != keys.shape[1] * keys.shape[3] or v.shape != k.shape):
+            or width != keys.shape[1] * keys.shape[3]):
         return None
     n = keys.shape[-2]
     buf = layer.__dict__[_ATTR] = _Buffer(keys, values, max(2 * n, _MIN_ROOM))

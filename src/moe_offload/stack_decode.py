@@ -130,8 +130,9 @@ class StackRunner:
                     or table[0].shape[1] != route[0].shape[0] or a.layer_idx >= len(cache.layers)):
                 return None
             layer = cache.layers[a.layer_idx]
-            buf = kv_buffer.current(layer) if type(layer) is DynamicLayer else None
-            if buf is None or buf.width != p.kv_heads * p.head_dim or (n is not None and buf.length != n):
+            # (the first token after a prompt takes the prompt's keys and values into a buffer here)
+            buf = kv_buffer.ready(layer, p.kv_heads * p.head_dim) if type(layer) is DynamicLayer else None
+            if buf is None or (n is not None and buf.length != n):
                 return None
             n, runtime = buf.length, e.runtime
             layers.append(_Layer(path, p, w1, n1._decode_path.eps, w2, n2._decode_path.eps, route,
