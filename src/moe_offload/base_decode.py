@@ -19,10 +19,10 @@ forward.
 """
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from .decode_path import take_forward
+from .layer_decode import _hooked
 
 # Keyword arguments a decode call carries besides these (generate passes `output_router_logits`...)
 # are taken only when they ask for nothing: None or False.
@@ -45,10 +45,6 @@ def install(model: nn.Module) -> bool:
             _BasePath(base, runner)
             return True
     return False
-
-
-def _hooked(module: nn.Module) -> bool:
-    return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
 class _BasePath:
@@ -133,13 +129,13 @@ class _BasePath:
         layer_in, layer_kwargs, stack_out = stacked
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         position_ids = kwargs.get("position_ids")
+        if position_ids is None:  # the forward made them: the path would have to as well
+            return False
         r_positions = r_kwargs.get("position_ids", r_args[1] if len(r_args) > 1 else None)
         if not (len(e_args) == 1 and not e_kwargs and e_args[0] is kwargs["input_ids"] and layer_in is e_out
-                and len(r_args) + len(r_kwargs) == 2 and r_args[0] is e_out and layer_kwargs.get("position_embeddings") is r_out
-                and (r_positions is position_ids if position_ids is not None else r_positions is not None)
+                and len(r_args) + len(r_kwargs) == 2 and r_args[0] is e_out and r_positions is position_ids
+                and layer_kwargs.get("position_embeddings") is r_out
                 and len(n_args) == 1 and not n_kwargs and n_args[0] is stack_out):
-            return False
-        if position_ids is None:  # the forward made them: the path would have to as well
             return False
         fields = [k for k, v in out.items() if v is not None]
         cache_field = next((k for k in fields if out[k] is cache), None)
