@@ -41,7 +41,13 @@ def _generate(store, ids, *, path=True, patch=None, embed_hook=False, **extra):
         if embed_hook:
             model.model.embed_tokens.register_forward_hook(lambda m, a, out: None)
         fast, real_fast = [], base._fast
-        base._fast = lambda kwargs: (lambda out: out is not None and fast.append(1) or out)(real_fast(kwargs))
+
+        def counted(kwargs):
+            out = real_fast(kwargs)
+            if out is not None:
+                fast.append(1)
+            return out
+        base._fast = counted
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=STEPS, min_new_tokens=STEPS,
                              do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0,
                              eos_token_id=None, **extra)
