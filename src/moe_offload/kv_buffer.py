@@ -37,13 +37,9 @@ def append(layer, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray,
     holding fp32 CPU tensors [1, KV, S, hd]); returns (keys, values [KV, capacity, hd], S + 1) for
     the kernels, or None, with nothing changed, for a layer this does not handle (the caller then
     calls update())."""
-    buf = layer.__dict__.get(_ATTR)
-    # The layer still holds the views this wrote last (checked by identity): nothing else to check.
-    if (buf is None or layer.keys is not buf.kview or layer.values is not buf.vview or buf.length >= buf.knp.shape[1]
-            or k.shape[0] != buf.width or v.shape[0] != buf.width):
-        buf = _adopt(layer, k.shape[0]) if v.shape == k.shape else None
-        if buf is None:
-            return None
+    buf = ready(layer, k.shape[0]) if v.shape == k.shape else None
+    if buf is None:
+        return None
     n = buf.length
     buf.knp[:, n] = k.reshape(buf.knp.shape[0], -1)
     buf.vnp[:, n] = v.reshape(buf.vnp.shape[0], -1)
@@ -52,8 +48,9 @@ def append(layer, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray,
 
 
 def current(layer) -> _Buffer | None:
-    """The layer's buffer if it still holds what the layer shows and has room for one more position
-    (a caller that writes position `length` itself, then calls advance)."""
+    """The layer's buffer if it still holds what the layer shows (the views advance made last, checked
+    by identity: nothing else to check) and has room for one more position (a caller that writes
+    position `length` itself, then calls advance)."""
     buf = layer.__dict__.get(_ATTR)
     if buf is None or layer.keys is not buf.kview or layer.values is not buf.vview or buf.length >= buf.knp.shape[1]:
         return None
