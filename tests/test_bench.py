@@ -276,3 +276,19 @@ def test_a_store_in_an_older_format_is_converted_again(tiny_run):
     assert bench.cli.prepare_shape("tiny", root / "models")[1] == store
     assert json.loads((store / "manifest.json").read_text())["format_version"] == manifest["format_version"]
     Store.open(store).verify()  # the converted store is whole
+
+
+def test_a_prompt_generates_its_tokens_past_an_end_of_sequence(tiny_store4):
+    """The bench times exactly N new tokens: an end-of-sequence token the model picks ends nothing."""
+    import moe_offload
+    from transformers import AutoTokenizer
+
+    from moe_offload.bench import mode
+
+    tok = AutoTokenizer.from_pretrained(tiny_store4, local_files_only=True)
+    model = moe_offload.load(tiny_store4)
+    first = mode._generate(model, tok, "hello there", 1)[0]
+    model.generation_config.eos_token_id = first  # the token greedy decoding picks first now ends a run
+    assert model.generate(mode._chat_ids(tok, "hello there"), max_new_tokens=5, do_sample=False,
+                          pad_token_id=0).shape[1] == mode._chat_ids(tok, "hello there").shape[1] + 1
+    assert len(mode._generate(model, tok, "hello there", 5)) == 5

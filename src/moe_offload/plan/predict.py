@@ -156,12 +156,13 @@ class ResidentDecode:
             raise
 
     def generate(self, ids, n: int | None = None) -> None:
-        """Exactly n tokens (default: the timed count), greedy: an early end-of-sequence would time nothing."""
+        """Exactly n tokens (default: the timed count), greedy, as the bench generates (bench/mode.py):
+        no end-of-sequence token ends the run."""
         import torch
 
         with torch.inference_mode():
             self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n or self.tokens,
-                                min_new_tokens=n or self.tokens, do_sample=False,
+                                eos_token_id=None, do_sample=False,
                                 pad_token_id=self.tok.pad_token_id or self.tok.eos_token_id)
 
     def seconds_per_token(self, repeats: int = 1) -> float:
