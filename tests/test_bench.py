@@ -20,7 +20,7 @@ MODE_KEYS = {"prefill_tokens", "prefill_tokens_per_s", "decode_tokens", "decode_
              "decode_disk_bytes_per_token", "decode_expert_bytes_per_token", "ram_bytes_per_token",
              "dense_bytes_per_token", "active_expert_bytes_per_token", "hit_rate", "prefetch_precision",
              "prefetch_recall", "expert_bytes_read", "stall_seconds", "roofline_tokens_per_s", "roofline_ratio",
-             "decode_disk_bytes_per_s",
+             "decode_disk_bytes_per_s", "ram_bytes_per_s_around", "roofline_ram_bytes_per_s",
              "phases", "tokens", "match_transformers", "match_resident"}
 
 
@@ -107,7 +107,13 @@ def test_roofline_counts_the_bytes_a_token_reads(tiny_run):
     assert 0 < r["active_expert_bytes_per_token"] <= store.top_k * store.num_layers * store.blob_size
     # the fp source reads more bytes per token than the 4-bit store
     assert modes["transformers"]["ram_bytes_per_token"] > r["ram_bytes_per_token"]
-    ceiling = 1 / (r["ram_bytes_per_token"] / roof["ram_bytes_per_s"]
+    # each mode's RAM bandwidth: the mean of the measures just before and after it, in a chain from the up-front one
+    ours = MODES + ["llamacpp"]
+    assert modes[ours[0]]["ram_bytes_per_s_around"][0] == roof["ram_bytes_per_s"]
+    for before, after in zip(ours, ours[1:]):
+        assert modes[after]["ram_bytes_per_s_around"][0] == modes[before]["ram_bytes_per_s_around"][1] > 1e8
+    assert r["roofline_ram_bytes_per_s"] == pytest.approx(sum(r["ram_bytes_per_s_around"]) / 2, abs=1)
+    ceiling = 1 / (r["ram_bytes_per_token"] / r["roofline_ram_bytes_per_s"]
                    + r["decode_disk_bytes_per_token"] / roof["disk_bytes_per_s"])
     assert r["roofline_tokens_per_s"] == pytest.approx(ceiling, rel=1e-3)
     assert r["roofline_ratio"] == pytest.approx(r["decode_tokens_per_s"] / ceiling, rel=1e-2, abs=1e-4)

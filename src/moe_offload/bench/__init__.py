@@ -14,7 +14,7 @@ from .cli import add_parser, cmd_bench, parse_modes, prepare_shape
 from .compare import targets
 from .mode import HF_MODES, LONG_PREFILL, MODES, OURS, PROMPTS, open_model, run_mode
 from .report import format_report, format_table, plot
-from .roofline import blob_bandwidth, disk_bandwidth, ram_bandwidth, roofline_for
+from .roofline import blob_bandwidth, disk_bandwidth, ram_bandwidth, roofline_around, roofline_for
 from .system import disk_read_bytes, drop_page_cache
 from .._lazy import lazy_exports
 
@@ -24,5 +24,5 @@ __getattr__ = lazy_exports(__name__, {name: ".run" for name in ("run_bench", "wo
 
 __all__ = ["add_parser", "cmd_bench", "parse_modes", "prepare_shape", "targets", "HF_MODES", "LONG_PREFILL",
            "MODES", "OURS", "PROMPTS", "open_model", "run_mode", "format_report", "format_table", "plot",
-           "blob_bandwidth", "disk_bandwidth", "ram_bandwidth", "roofline_for", "run_bench", "worker_main", "disk_read_bytes",
-           "drop_page_cache"]
+           "blob_bandwidth", "disk_bandwidth", "ram_bandwidth", "roofline_around", "roofline_for", "run_bench",
+           "worker_main", "disk_read_bytes", "drop_page_cache"]

@@ -217,3 +217,12 @@ def roofline_for(r: dict, roofline: dict) -> dict:
     ratio = r["decode_tokens_per_s"] / ceiling if ceiling else 0.0
     return {"roofline_tokens_per_s": round(ceiling, 3), "roofline_ratio": round(ratio, 4),
             "decode_disk_bytes_per_s": round(achieved)}
+
+
+def roofline_around(r: dict, roofline: dict) -> dict:
+    """roofline_for() at the RAM bandwidth measured around the mode: the mean of the measures just
+    before and just after it (r["ram_bytes_per_s_around"]), the estimate of what the machine gave
+    while it ran; the up-front measure where there are none."""
+    around = r.get("ram_bytes_per_s_around") or [roofline["ram_bytes_per_s"]]
+    ram = round(sum(around) / len(around))
+    return {"roofline_ram_bytes_per_s": ram, **roofline_for(r, dict(roofline, ram_bytes_per_s=ram))}

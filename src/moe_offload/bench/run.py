@@ -21,7 +21,7 @@ from .forecast import attach as attach_forecast
 from .forecast import forecaster
 from .llamacpp import LLAMACPP, add_ratios, gguf_info, run_llamacpp
 from .mode import HF_MODES, LONG_PREFILL, OURS, PROMPTS, run_mode
-from .roofline import blob_bandwidth, disk_bandwidth, ram_bandwidth, roofline_for
+from .roofline import blob_bandwidth, disk_bandwidth, ram_bandwidth, roofline_around
 from .system import drop_page_cache
 
 
@@ -71,6 +71,7 @@ def run_bench(store: Path, source: Path | None, modes: list[str], *, explicit_mo
                      prompts=list(PROMPTS[:prompts]), max_new_tokens=max_new_tokens,
                      accelerate_tokens=min(accelerate_tokens, max_new_tokens), load_kwargs=load_kwargs,
                      memory_limit=memory_limit, drop=[str(f) for f in files])
+    ram_samples = [roofline["ram_bytes_per_s"]]
     load_before = os.getloadavg()[0]  # other work on the machine skews every number: say how much there was
     steps = sum(2 if m == LLAMACPP else 2 + prompts for m in modes)  # per mode: load, each prompt, long prefill
     results: dict[str, dict] = {}
@@ -90,13 +91,17 @@ def run_bench(store: Path, source: Path | None, modes: list[str], *, explicit_mo
                     cg.remove()
             if in_process:
                 gc.collect()
+            # The RAM bandwidth of a shared machine moves from minute to minute: each mode's roofline
+            # takes the mean of the measures just before and just after it (roofline_around).
+            ram_samples.append(ram_bandwidth())
+            results[mode]["ram_bytes_per_s_around"] = ram_samples[-2:]
             if mode in predicted:
                 planner.sample_after(predicted[mode])
     if not results:
         raise MoeOffloadError("no mode to run")
     measured = {m: r for m, r in results.items() if m != LLAMACPP and not r.get("failed")}
     for r in measured.values():
-        r.update(roofline_for(r, roofline))
+        r.update(roofline_around(r, roofline))
     _compare_tokens(measured)
     add_ratios(results)
     for mode, f in predicted.items():
