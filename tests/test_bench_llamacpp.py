@@ -127,6 +127,8 @@ def test_targets_against_llama_cpp():
              LLAMACPP: {"decode_tokens_per_s": 20.0, "long_prefill_tokens_per_s": 200.0}}
     names = {t["target"]: (t["value"], t["met"]) for t in bench.targets(modes)}
     assert names["resident decode / llama.cpp decode"] == (1.5, True)
+    assert names["resident decode / its roofline, beside llama.cpp"] == (0.5, False)  # issue #11's 70%
+    assert names["resident decode / its roofline"] == (0.5, True)  # issue #4's 50%
     assert names[f"resident prefill / llama.cpp prefill ({bench.LONG_PREFILL} tokens)"] == (0.5, False)
     limited = {t["target"]: t["value"] for t in bench.targets(modes, memory_limited=True)}
     assert limited == {"offload decode / llama.cpp decode under the memory limit": 0.5,

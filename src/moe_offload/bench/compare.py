@@ -22,7 +22,7 @@ def _compare_tokens(results: dict) -> None:
 def targets(results: dict, manifest: dict | None = None, memory_limited: bool = False) -> list[dict]:
     """The issues' targets, from this run's numbers (only those whose modes ran), and the store's
     conversion time as its manifest recorded it. With llama.cpp in the run, issue #11's ratios to it
-    (under a memory limit: offload decode >= 2x llama.cpp's)."""
+    and its 70% of the roofline (under a memory limit: offload decode >= 2x llama.cpp's)."""
     out = []
 
     def ratio(a: str, b: str, key: str = "decode_tokens_per_s"):
@@ -47,6 +47,9 @@ def targets(results: dict, manifest: dict | None = None, memory_limited: bool = 
     if "llamacpp" in results:
         if not memory_limited:
             add("resident decode / llama.cpp decode", ratio("resident", "llamacpp"), 1.0)
+            if "resident" in results:  # the in-RAM comparison's own bar (issue #11), beside issue #4's above
+                add("resident decode / its roofline, beside llama.cpp", results["resident"]["roofline_ratio"], 0.7,
+                    "ratio")
             add(f"resident prefill / llama.cpp prefill ({LONG_PREFILL} tokens)",
                 ratio("resident", "llamacpp", "long_prefill_tokens_per_s"), 1.0)
         else:
