@@ -293,8 +293,11 @@ def test_a_prompt_generates_its_tokens_past_an_end_of_sequence(tiny_store4):
 
     tok = AutoTokenizer.from_pretrained(tiny_store4, local_files_only=True)
     model = moe_offload.load(tiny_store4)
-    first = mode._generate(model, tok, "hello there", 1)[0]
-    model.generation_config.eos_token_id = first  # the token greedy decoding picks first now ends a run
-    assert model.generate(mode._chat_ids(tok, "hello there"), max_new_tokens=5, do_sample=False,
-                          pad_token_id=0).shape[1] == mode._chat_ids(tok, "hello there").shape[1] + 1
-    assert len(mode._generate(model, tok, "hello there", 5)) == 5
+    try:
+        first = mode._generate(model, tok, "hello there", 1)[0]
+        model.generation_config.eos_token_id = first  # the token greedy decoding picks first now ends a run
+        ids = mode._chat_ids(tok, "hello there")
+        assert model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0).shape[1] == ids.shape[1] + 1
+        assert len(mode._generate(model, tok, "hello there", 5)) == 5
+    finally:
+        model.close()
