@@ -6,6 +6,9 @@ Every expert is made resident first (the `resident` bench mode), so no time is s
 1. The stacked path (stack_decode.py: every decoder layer of a token in one kernel call), timed by
    wrapping the kernel call and hooking the model and lm_head (hooks on the layers would turn the
    stack off): the kernel, lm_head, the rest of the model's forward, generate() between forwards.
+   Then the same kernel call repeated back to back, next to a plain read of the weights it reads
+   (one 8-byte load per 64-byte line, the bytes split in halves over 2 threads): how close the kernel
+   comes to the rate this machine streams those bytes at, whatever its RAM benchmark says.
 2. The layer-by-layer path (as a token the stack does not take runs), wall time per part of every
    layer from forward hooks. The parts are transformers' own modules; "experts" is the stock experts
    module running our offloaded implementation.
@@ -15,6 +18,10 @@ import statistics
 import sys
 import time
 
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
 from transformers import AutoTokenizer
 
 import moe_offload
@@ -84,9 +91,10 @@ def main(store: str, tokens: int) -> None:
 def stacked_split(model, generate, tokens: int) -> None:
     """Medians over the decode tokens of one generate: token (between two logits), forward, kernel, lm_head."""
     marks = {"kernel": [], "forward": [], "lm_head": [], "token": []}
-    real_stack, started = _decode_jit.stack, {}
+    real_stack, started, last = _decode_jit.stack, {}, []
 
     def timed_stack(*args):
+        last[:] = [args]
         t = time.perf_counter()
         out = real_stack(*args)
         marks["kernel"].append(time.perf_counter() - t)
@@ -120,6 +128,63 @@ def stacked_split(model, generate, tokens: int) -> None:
                      (forward - kernel - head_ms, "the rest of the model's forward (Python, embedding, norm)"),
                      (token - forward, "generate() between forwards")):
         print(f"{ms:8.2f} ms/token  {what}")
+    kernel_against_reads(real_stack, last[0])
+
+
+@intrinsic
+def _load8(typingctx, addr):
+    """The 8 bytes at an address (the expert slots are reached by address, as the kernel reaches them)."""
+    def codegen(context, builder, signature, args):
+        return builder.load(builder.inttoptr(args[0], ir.IntType(64).as_pointer()))
+    return types.uint64(types.int64), codegen
+
+
+@njit(parallel=True, nogil=True)
+def _read_lines(starts, sizes, nthreads):
+    """One load per 64-byte line of every range; thread t reads the t-th part of each range."""
+    out = np.zeros(nthreads, np.uint64)
+    for t in prange(nthreads):
+        s = np.uint64(0)
+        for i in range(starts.shape[0]):
+            part = sizes[i] // nthreads // 64 * 64
+            for off in range(starts[i] + t * part, starts[i] + (t + 1) * part, 64):
+                s ^= _load8(off)
+        out[t] = s
+    return out
+
+
+def kernel_against_reads(stack, args, rounds: int = 5, calls: int = 8) -> None:
+    """The last decode token's stack call again, back to back, against _read_lines over the weights
+    that call read: the q/k/v/o tiles of every layer and the gate_up and down tiles of its experts."""
+    (tag, x, cos, sin, n, n1w, n1eps, tq, tk, tv, bq, bk, bv, qn, kn, bits_groups, qk_eps, to, bo, scale, heads, kv_heads,
+     hd, n2w, n2eps, rw, rb, k, renorm, tables, meta, inter, bbuf, fbuf, counters, addrs, nthreads, knp, vnp, idx) = args
+    x0, H = x.copy(), x.shape[0]
+    gate_up = (2 * inter // 16) * (H // meta[1]) * meta[2]
+    down = ((H + 15) // 16) * (inter // meta[4]) * meta[5]
+    ranges = [(t.ctypes.data, t.nbytes) for layer in range(len(tq)) for t in (tq[layer], tk[layer], tv[layer], to[layer])]
+    ranges += [(int(tables[layer][m, e]), gate_up if m == 0 else down)  # idx: the experts of the call's input
+               for layer in range(len(tq)) for e in idx[layer] for m in (0, 1)]
+    starts, sizes = np.array([r[0] for r in ranges], np.int64), np.array([r[1] for r in ranges], np.int64)
+    nbytes = int(sizes.sum())
+
+    def kernel():
+        x[:] = x0
+        stack(*args)
+
+    def median(f):
+        f()
+        times = []
+        for _ in range(calls):
+            t = time.perf_counter()
+            f()
+            times.append(time.perf_counter() - t)
+        return statistics.median(times)
+    print(f"\nthe stack kernel back to back against reading its {nbytes / 1e6:.1f} MB of weights once "
+          f"(medians of {calls} calls, alternating):")
+    for _ in range(rounds):
+        tk_, tr = median(kernel), median(lambda: _read_lines(starts, sizes, nthreads))
+        print(f"   kernel {tk_ * 1e3:6.2f} ms ({nbytes / tk_ / 1e9:5.1f} GB/s), read {tr * 1e3:6.2f} ms "
+              f"({nbytes / tr / 1e9:5.1f} GB/s): the kernel at {tr / tk_:.2f} of the read's rate")
 
 
 if __name__ == "__main__":
