@@ -200,8 +200,10 @@ def test_the_fused_layer_step_computes_misses_and_guesses_as_the_module_call(fam
             out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=STEPS, min_new_tokens=STEPS,
                                  do_sample=False,
                                  output_logits=True, return_dict_in_generate=True, pad_token_id=0, eos_token_id=None)
+            cache = model.offload_runtime.cache
+            books = (dict(cache.uses), {k: list(p.lru) for k, p in cache.pools.items()})  # LFU counts, LRU order
             return (torch.stack(out.logits), model.offload_stats().as_dict(), len(module_calls), len(fused_steps),
-                    len(in_attention), len(stacked))
+                    len(in_attention), len(stacked), books)
         finally:
             model.close()
 
@@ -209,8 +211,8 @@ def test_the_fused_layer_step_computes_misses_and_guesses_as_the_module_call(fam
     for options in (dict(experts_per_layer=st.num_experts, prefetch=0), dict(experts_per_layer=st.top_k, prefetch=0),
                     dict(experts_per_layer=st.top_k + 1, prefetch=2),
                     dict(experts_per_layer=st.num_experts, prefetch=0, preload=True)):
-        fused, fused_stats, fused_calls, steps, in_attention_steps, stacked_tokens = run(True, **options)
-        unfused, unfused_stats, unfused_calls, _, unfused_in_attention, unfused_stacked = run(False, **options)
+        fused, fused_stats, fused_calls, steps, in_attention_steps, stacked_tokens, fused_books = run(True, **options)
+        unfused, unfused_stats, unfused_calls, _, unfused_in_attention, unfused_stacked, unfused_books = run(False, **options)
         assert torch.equal(fused, unfused)
         # a layer's first decode step checks its attention, the second the layer; every later one is
         # fused: layer by layer, or all layers in one call (a stacked token)
@@ -229,6 +231,7 @@ def test_the_fused_layer_step_computes_misses_and_guesses_as_the_module_call(fam
         if not options["prefetch"]:
             assert fused_stats["hits_per_layer"] == unfused_stats["hits_per_layer"]
             assert fused_stats["misses_per_layer"] == unfused_stats["misses_per_layer"]
+            assert fused_books == unfused_books
         if options["experts_per_layer"] == st.top_k:
             assert sum(fused_stats["misses_per_layer"]) > 2 * st.top_k * n_moe  # more than the unfused steps made
         if options["prefetch"]:

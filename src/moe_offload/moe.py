@@ -170,8 +170,13 @@ class LayerExperts:
         return True
 
     def record_resident_locked(self, index: np.ndarray, table) -> None:
+        self.runtime.cache.record_hits(*self.resident_step(index, table))
+
+    def resident_step(self, index: np.ndarray, table) -> tuple[int, list[int], list]:
+        """(layer, the experts of `index` in expert order, their slots): a step computed from
+        resident_table()'s `table`, as the cache books it."""
         used = sorted(index.tolist())
-        self.runtime.cache.record_hits(self.layer, used, [table[3][e] for e in used])
+        return self.layer, used, [table[3][e] for e in used]
 
     def _speculate(self, used: list[int]) -> None:
         """The prefetcher's part of a step: guess the next layers from the residual stream kept before

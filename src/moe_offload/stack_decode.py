@@ -176,8 +176,7 @@ class StackRunner:
         with cache.lock:
             if cache.changes != changes:
                 return None  # no position was made visible: the layers' own steps compute this token
-            for s, row in zip(layers, idx):
-                s.experts.record_resident_locked(row, s.table)
+            cache.record_steps_hit([s.experts.resident_step(row, s.table) for s, row in zip(layers, idx)])
         for s in layers:
             kv_buffer.advance(s.cache_layer, s.buf)
         out = torch.from_numpy(x).view(hidden_states.shape)

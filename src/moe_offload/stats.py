@@ -82,6 +82,13 @@ class OffloadStats:
         with self._lock:
             (self.hits if hit else self.misses)[self.position[layer]] += count
 
+    def record_hits(self, counts: list[tuple[int, int]]) -> None:
+        """record_access(layer, hit=True, count) for each (layer, count), under one lock."""
+        hits, position = self.hits, self.position
+        with self._lock:
+            for layer, count in counts:
+                hits[position[layer]] += count
+
     def record_read(self, tier: str, nbytes: int, seconds: float = 0.0) -> None:
         with self._lock:
             self.bytes_read[tier] += nbytes
