@@ -374,3 +374,50 @@ def test_a_later_prompt_stacks_from_its_first_token_and_through_buffer_growth(tm
     unfused, unfused_stacked = run(False)
     assert stacked == new - 1 and unfused_stacked == 0  # every decode forward, the one past the room too
     assert torch.equal(fused, unfused)
+
+
+def test_the_stack_gives_the_same_floats_whoever_joins_its_region(tmp_path):
+    """The stack kernel runs a token in one parallel region: its first thread drives, the others
+    claim units of each phase. One thread, two, or three iterations on numba's pool of two (so one
+    iteration can only start after another ended: a helper that arrives when the token is done, or a
+    driver whose helper never comes) must give the same output and experts bit for bit."""
+    import numpy as np
+
+    from moe_offload import _decode_jit
+
+    config = tiny_moe_config("qwen3_moe", **{**NAMED["qwen3_moe"], "hidden_size": 96, "moe_intermediate_size": 64,
+                                            "num_experts_per_tok": 4, "num_experts": 16, "mlp_only_layers": []})
+    src = build_random_moe(tmp_path / "src", config, seed=4, tokenizer=False)
+    store = moe_offload.convert(src, tmp_path / "st", expert_bits=4, dense_bits=4, expert_format="rowtile",
+                                progress=False)
+    model = moe_offload.load(store, experts_per_layer=Store.open(store).num_experts, prefetch=0)
+    captured, real = [], _decode_jit.stack
+    _decode_jit.stack = lambda *a: captured.append(a) or real(*a)
+    try:
+        model.offload_runtime.preload()
+        ids = torch.randint(3, config.vocab_size, (1, 5), generator=torch.Generator().manual_seed(1))
+        model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None,
+                       attention_mask=torch.ones_like(ids))
+    finally:
+        _decode_jit.stack = real
+    try:
+        assert captured
+        args = list(captured[-1])
+        x0 = args[1].copy()
+        H, inter, k, meta = x0.shape[0], args[31], args[27], args[30]
+
+        def run(nthreads):
+            args[32:36] = kernels_layer._workspace(H, inter, k, meta[1], meta[4], nthreads)
+            args[36] = nthreads
+            args[1][:] = x0
+            args[-1][:] = -1
+            real(*args)  # (it writes the same key and value at the same position every time)
+            return args[1].copy(), args[-1].copy()
+
+        base_x, base_idx = run(2)
+        assert not np.array_equal(base_x, x0) and (base_idx >= 0).all()
+        for nthreads in (1, 3, 2, 3):
+            x, idx = run(nthreads)
+            assert np.array_equal(x, base_x) and np.array_equal(idx, base_idx), nthreads
+    finally:
+        model.close()

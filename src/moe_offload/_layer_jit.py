@@ -458,14 +458,59 @@ def _claim(total, nthreads):
 
 
 @njit(inline="always", fastmath={"contract"}, error_model="numpy", boundscheck=False)
+def _gate_up_units(tag, addrs, meta, inter, xq, hq, xs, xsum, hs, hsum, hb, H, u0, u1):
+    """Phase-1 units u0..u1-1 of a layer call (see layer): gate and up rows, silu * up, the down input."""
+    b1, g1, t1, g2 = meta[0], meta[1], meta[2], meta[4]
+    ng1 = H // g1
+    ng2 = inter // g2
+    a = u0
+    while a < u1:
+        # BATCH units' gate rows, then their up rows: two runs of consecutive tiles instead of
+        # 2 x BATCH short ones (hb: the gate values of each unit, then the up values)
+        b = min(a + BATCH, u1)
+        for half in range(2):
+            for u in range(a, b):
+                e = u // ng2
+                c = u - e * ng2
+                for r in range(g2 // 16):
+                    rb = (half * inter + c * g2) // 16 + r
+                    rowblock(tag, addrs[0, e] + rb * ng1 * t1, t1, b1, 0, ng1, g1, xq.ctypes.data, xs.ctypes.data,
+                             xsum.ctypes.data, hb.ctypes.data + ((half * BATCH + u - a) * g2 + r * 16) * 4, 1)
+        for u in range(a, b):
+            e = u // ng2
+            c = u - e * ng2
+            gate = hb[(u - a) * g2:(u - a + 1) * g2]
+            up = hb[(BATCH + u - a) * g2:(BATCH + u - a + 1) * g2]
+            for j in range(g2):
+                gate[j] = _silu(gate[j]) * up[j]
+            _quant_group(gate, hq[e, c * g2:(c + 1) * g2], hs[e, c:c + 1], hsum[e, c:c + 1], 0, g2)
+        a = b
+
+
+@njit(inline="always", fastmath={"contract"}, error_model="numpy", boundscheck=False)
+def _down_units(tag, wts, addrs, meta, inter, hq, hs, hsum, acc, y, u0, u1):
+    """Phase-2 units u0..u1-1 of a layer call (see layer): output row blocks, every expert's down rows
+    weighted and summed in expert order."""
+    b2, g2, t2 = meta[3], meta[4], meta[5]
+    ng2 = inter // g2
+    y[u0 * 16:u1 * 16] = 0
+    # one expert's rows of the claim, then the next one's (runs of consecutive tiles); every
+    # output still adds its experts in order
+    for e in range(addrs.shape[1]):
+        w = wts[e]
+        for u in range(u0, u1):
+            rowblock(tag, addrs[1, e] + u * ng2 * t2, t2, b2, 0, ng2, g2, hq[e].ctypes.data, hs[e].ctypes.data,
+                     hsum[e].ctypes.data, acc.ctypes.data, 1)
+            out = y[u * 16:u * 16 + 16]
+            for j in range(16):
+                out[j] += w * acc[j]
+
+
+@njit(inline="always", fastmath={"contract"}, error_model="numpy", boundscheck=False)
 def _thread(tag, x, wts, addrs, meta, inter, xq, hq, xs, xsum, hs, hsum, hb, y, counters, nthreads):
     """One thread's share of a layer call: it claims units until none are left (see layer)."""
     H = x.shape[0]
-    E = addrs.shape[1]
-    b1, g1, t1, b2, g2, t2 = meta[0], meta[1], meta[2], meta[3], meta[4], meta[5]
-    ng1 = H // g1
-    ng2 = inter // g2
-    total1 = E * ng2
+    total1 = addrs.shape[1] * (inter // meta[4])
     total2 = (H + 15) // 16
     c1 = _claim(total1, nthreads)
     while True:
@@ -473,49 +518,16 @@ def _thread(tag, x, wts, addrs, meta, inter, xq, hq, xs, xsum, hs, hsum, hb, y, 
         if u0 >= total1:
             break
         u1 = min(u0 + c1, total1)
-        a = u0
-        while a < u1:
-            # BATCH units' gate rows, then their up rows: two runs of consecutive tiles instead of
-            # 2 x BATCH short ones (hb: the gate values of each unit, then the up values)
-            b = min(a + BATCH, u1)
-            for half in range(2):
-                for u in range(a, b):
-                    e = u // ng2
-                    c = u - e * ng2
-                    for r in range(g2 // 16):
-                        rb = (half * inter + c * g2) // 16 + r
-                        rowblock(tag, addrs[0, e] + rb * ng1 * t1, t1, b1, 0, ng1, g1, xq.ctypes.data, xs.ctypes.data,
-                                 xsum.ctypes.data, hb.ctypes.data + ((half * BATCH + u - a) * g2 + r * 16) * 4, 1)
-            for u in range(a, b):
-                e = u // ng2
-                c = u - e * ng2
-                gate = hb[(u - a) * g2:(u - a + 1) * g2]
-                up = hb[(BATCH + u - a) * g2:(BATCH + u - a + 1) * g2]
-                for j in range(g2):
-                    gate[j] = _silu(gate[j]) * up[j]
-                _quant_group(gate, hq[e, c * g2:(c + 1) * g2], hs[e, c:c + 1], hsum[e, c:c + 1], 0, g2)
-            a = b
+        _gate_up_units(tag, addrs, meta, inter, xq, hq, xs, xsum, hs, hsum, hb, H, u0, u1)
         atomic_add(counters, 1, u1 - u0)
     while atomic_load(counters, 1) < total1:
         yield_cpu()
-    acc = hb[:16]
     c2 = _claim(total2, nthreads)
     while True:
         u0 = atomic_add(counters, 2, c2)
         if u0 >= total2:
             break
-        u1 = min(u0 + c2, total2)
-        y[u0 * 16:u1 * 16] = 0
-        # one expert's rows of the claim, then the next one's (runs of consecutive tiles); every
-        # output still adds its experts in order
-        for e in range(E):
-            w = wts[e]
-            for u in range(u0, u1):
-                rowblock(tag, addrs[1, e] + u * ng2 * t2, t2, b2, 0, ng2, g2, hq[e].ctypes.data, hs[e].ctypes.data,
-                         hsum[e].ctypes.data, acc.ctypes.data, 1)
-                out = y[u * 16:u * 16 + 16]
-                for j in range(16):
-                    out[j] += w * acc[j]
+        _down_units(tag, wts, addrs, meta, inter, hq, hs, hsum, hb[:16], y, u0, min(u0 + c2, total2))
 
 
 @njit(parallel=True, **_OPTS)
