@@ -314,7 +314,7 @@ def _phase(ph, role, sync, nthreads, tag, S, scale, heads, hd, tq, tk, tv, to, b
     elif kind == _GATE_UP:
         total = addrs.shape[1] * (inter // meta[4])
     else:
-        total = (yexp.shape[0] + 15) // 16
+        total = (h2.shape[0] + 15) // 16
     c = _claim(total, nthreads)
     while True:
         u0 = atomic_add(sync, ph * 2 * _LINE, c)
@@ -430,9 +430,8 @@ def stack(tag, x, cos, sin, n, n1w, n1eps, tq, tk, tv, bq, bk, bv, qn, kn, bits_
                                    addrs, meta, inter, exq, hq, exs, exsum, hs, hsum, hbuf, yexp)
                     while atomic_load(sync, ph * 2 * _LINE + _LINE) < total:
                         yield_cpu()
-                off = yexp.shape[0] - ((H + 15) // 16) * 16
                 for i in range(H):
-                    x2[i] += yexp[off + i]
+                    x2[i] += yexp[i]
                 idx_out[layer] = idx
                 x[:] = x2
             atomic_add(sync, 0, 1)  # done
