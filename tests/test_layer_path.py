@@ -421,3 +421,60 @@ def test_the_stack_gives_the_same_floats_whoever_joins_its_region(tmp_path):
             assert np.array_equal(x, base_x) and np.array_equal(idx, base_idx), nthreads
     finally:
         model.close()
+
+
+def test_the_stack_sees_changes_between_the_tokens_of_one_generate(tmp_path):
+    """Between two tokens of one generate (same KV cache), a hook put on a router and taken off, and
+    a norm's weight replaced by assignment: the stacked path notices each on the next token (the
+    token with a hook runs layer by layer; the new weight is the one read), so the floats, and what the
+    hook saw, are the unfused steps' bit for bit."""
+    from transformers import LogitsProcessorList
+
+    from moe_offload import _decode_jit, layer_decode
+
+    config = tiny_moe_config("mixtral", **{**NAMED["mixtral"], "hidden_size": 64, "intermediate_size": 96,
+                                          "sliding_window": None})
+    src = build_random_moe(tmp_path / "src", config, seed=8, tokenizer=False)
+    store = moe_offload.convert(src, tmp_path / "st", expert_bits=4, dense_bits=4, expert_format="rowtile",
+                                progress=False)
+    ids = torch.randint(3, config.vocab_size, (1, 3), generator=torch.Generator().manual_seed(2))
+    steps = 10
+
+    def run(fuse: bool):
+        model = moe_offload.load(store, experts_per_layer=Store.open(store).num_experts, prefetch=0)
+        calls, seen, real = [], [], _decode_jit.stack
+        _decode_jit.stack = lambda *a: calls.append(ids_now[0]) or real(*a)
+        ids_now, handle = [0], []
+        layer = model.model.layers[1]
+
+        def at_each_token(input_ids, scores):
+            i = input_ids.shape[1] - ids.shape[1]  # tokens generated so far
+            ids_now[0] = i
+            if i == 4:
+                handle.append(layer.mlp.gate.register_forward_hook(lambda m, a, out: seen.append(out[0].clone())))
+            elif i == 6:
+                handle.pop().remove()
+            elif i == 7:
+                norm = model.model.layers[0].post_attention_layernorm
+                norm.weight = torch.nn.Parameter(norm.weight.detach() * 1.25, requires_grad=False)
+            return scores
+        try:
+            model.offload_runtime.preload()
+            for m in model.modules():
+                if isinstance(getattr(m, "_decode_path", None), layer_decode._LayerPath):
+                    m._decode_path.fused = fuse
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps, do_sample=False,
+                                 logits_processor=LogitsProcessorList([at_each_token]), output_logits=True,
+                                 return_dict_in_generate=True, pad_token_id=0, eos_token_id=None)
+            return torch.stack(out.logits), calls, seen
+        finally:
+            _decode_jit.stack = real
+            model.close()
+
+    logits, stacked_at, seen = run(True)
+    ref_logits, ref_stacked_at, ref_seen = run(False)
+    assert torch.equal(logits, ref_logits) and ref_stacked_at == []
+    # (a call is labelled with the tokens generated before its forward) the two forwards after the
+    # hook went on ran layer by layer; the stack before them, after it came off, and with the new weight
+    assert 4 not in stacked_at and 5 not in stacked_at and {3, 6, 7, 8} <= set(stacked_at)
+    assert len(seen) == len(ref_seen) == 2 and all(torch.equal(a, b) for a, b in zip(seen, ref_seen))

@@ -26,6 +26,7 @@ from transformers.cache_utils import DynamicLayer
 
 from . import kernels_grouped, kernels_layer, kv_buffer
 from .decode_path import jit
+from .stack_witness import Witness
 
 
 class _Layer(NamedTuple):
@@ -115,6 +116,13 @@ class StackRunner:
         if got is None:
             return None
         _, cache, cos, sin = got
+        local = self.local
+        w = getattr(local, "witness", None)
+        if w is not None and self.paths[0]._ready(hidden_states, kwargs):  # the token's own conditions
+            n = w.holds(cache)
+            if n is not None:
+                return cos, sin, n, w.layers, w.changes
+        local.witness = None
         layers, n, runtime = [], None, None
         for path in self.paths:
             a, n1, n2, r = path.attn._decode_path, path.n1, path.n2, path.router
@@ -140,6 +148,7 @@ class StackRunner:
         changes = runtime.cache.changes
         if any(s.table[2] != changes for s in layers):
             return None
+        local.witness = Witness.of(cache, layers, changes)  # the next token checks that this still holds
         return cos, sin, n, layers, changes
 
     def _arrays(self, layers):
