@@ -238,17 +238,23 @@ def test_the_fused_layer_step_computes_misses_and_guesses_as_the_module_call(fam
             assert fused_stats["prefetch_guesses"] > 0
 
 
+def _mixtral_store(tmp_path, seed: int):
+    """A small mixtral without a sliding window (every decode token can be stacked), converted with
+    one-call experts and 4-bit dense layers: (config, store)."""
+    config = tiny_moe_config("mixtral", **{**NAMED["mixtral"], "hidden_size": 64, "intermediate_size": 96,
+                                          "sliding_window": None})
+    src = build_random_moe(tmp_path / "src", config, seed=seed, tokenizer=False)
+    return config, moe_offload.convert(src, tmp_path / "st", expert_bits=4, dense_bits=4, expert_format="rowtile",
+                                       progress=False)
+
+
 def test_the_stacked_step_gives_way_to_hooks_on_the_layers(tmp_path):
     """A hook on a decoder layer (a user's; transformers' own, installed by a request for hidden
     states) makes every later token run layer by layer (the stack's output would be seen as every
     layer's): what the hooks see is what they see on the unfused steps, bit for bit."""
     from moe_offload import _decode_jit, layer_decode
 
-    config = tiny_moe_config("mixtral", **{**NAMED["mixtral"], "hidden_size": 64, "intermediate_size": 96,
-                                          "sliding_window": None})
-    src = build_random_moe(tmp_path / "src", config, seed=7, tokenizer=False)
-    store = moe_offload.convert(src, tmp_path / "st", expert_bits=4, dense_bits=4, expert_format="rowtile",
-                                progress=False)
+    config, store = _mixtral_store(tmp_path, seed=7)
     ids = torch.randint(3, config.vocab_size, (1, 3))
     kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False,
               return_dict_in_generate=True, pad_token_id=0, eos_token_id=None)
@@ -287,6 +293,16 @@ def test_the_stacked_step_gives_way_to_hooks_on_the_layers(tmp_path):
         assert all(torch.equal(a, b) for a, b in zip(step, ref_step))
 
 
+def _all_moe_qwen3_store(tmp_path, seed: int):
+    """A qwen3_moe model whose every layer is MoE (so every decode token can be stacked), converted
+    with one-call experts and 4-bit dense layers: (config, store)."""
+    config = tiny_moe_config("qwen3_moe", **{**NAMED["qwen3_moe"], "hidden_size": 96, "moe_intermediate_size": 64,
+                                            "num_experts_per_tok": 4, "num_experts": 16, "mlp_only_layers": []})
+    src = build_random_moe(tmp_path / "src", config, seed=seed, tokenizer=False)
+    return config, moe_offload.convert(src, tmp_path / "st", expert_bits=4, dense_bits=4, expert_format="rowtile",
+                                       progress=False)
+
+
 def test_two_threads_decode_stacked_with_one_model(tmp_path):
     """The stacked step keeps its hand-on state per thread: two generations running at once, each
     stacked, give what each gives alone."""
@@ -295,11 +311,7 @@ def test_two_threads_decode_stacked_with_one_model(tmp_path):
 
     from moe_offload import _decode_jit
 
-    config = tiny_moe_config("qwen3_moe", **{**NAMED["qwen3_moe"], "hidden_size": 96, "moe_intermediate_size": 64,
-                                            "num_experts_per_tok": 4, "num_experts": 16, "mlp_only_layers": []})
-    src = build_random_moe(tmp_path / "src", config, seed=3, tokenizer=False)
-    store = moe_offload.convert(src, tmp_path / "st", expert_bits=4, dense_bits=4, expert_format="rowtile",
-                                progress=False)
+    config, store = _all_moe_qwen3_store(tmp_path, seed=3)
     model = moe_offload.load(store, experts_per_layer=Store.open(store).num_experts, prefetch=0)
     calls, real = [], _decode_jit.stack
     _decode_jit.stack = lambda *a: calls.append(1) or real(*a)
@@ -340,11 +352,7 @@ def test_a_later_prompt_stacks_from_its_first_token_and_through_buffer_growth(tm
     with the unfused steps' floats."""
     from moe_offload import _decode_jit, kv_buffer, layer_decode
 
-    config = tiny_moe_config("mixtral", **{**NAMED["mixtral"], "hidden_size": 64, "intermediate_size": 96,
-                                          "sliding_window": None})
-    src = build_random_moe(tmp_path / "src", config, seed=13, tokenizer=False)
-    store = moe_offload.convert(src, tmp_path / "st", expert_bits=4, dense_bits=4, expert_format="rowtile",
-                                progress=False)
+    config, store = _mixtral_store(tmp_path, seed=13)
     first = torch.randint(3, config.vocab_size, (1, 3), generator=torch.Generator().manual_seed(1))
     # room for 64 positions (kv_buffer._MIN_ROOM) after a 30-token prompt: full after 34 new tokens
     later = torch.randint(3, config.vocab_size, (1, 30), generator=torch.Generator().manual_seed(2))
@@ -385,11 +393,7 @@ def test_the_stack_gives_the_same_floats_whoever_joins_its_region(tmp_path):
 
     from moe_offload import _decode_jit
 
-    config = tiny_moe_config("qwen3_moe", **{**NAMED["qwen3_moe"], "hidden_size": 96, "moe_intermediate_size": 64,
-                                            "num_experts_per_tok": 4, "num_experts": 16, "mlp_only_layers": []})
-    src = build_random_moe(tmp_path / "src", config, seed=4, tokenizer=False)
-    store = moe_offload.convert(src, tmp_path / "st", expert_bits=4, dense_bits=4, expert_format="rowtile",
-                                progress=False)
+    config, store = _all_moe_qwen3_store(tmp_path, seed=4)
     model = moe_offload.load(store, experts_per_layer=Store.open(store).num_experts, prefetch=0)
     captured, real = [], _decode_jit.stack
     _decode_jit.stack = lambda *a: captured.append(a) or real(*a)
@@ -432,11 +436,7 @@ def test_the_stack_sees_changes_between_the_tokens_of_one_generate(tmp_path):
 
     from moe_offload import _decode_jit, layer_decode
 
-    config = tiny_moe_config("mixtral", **{**NAMED["mixtral"], "hidden_size": 64, "intermediate_size": 96,
-                                          "sliding_window": None})
-    src = build_random_moe(tmp_path / "src", config, seed=8, tokenizer=False)
-    store = moe_offload.convert(src, tmp_path / "st", expert_bits=4, dense_bits=4, expert_format="rowtile",
-                                progress=False)
+    config, store = _mixtral_store(tmp_path, seed=8)
     ids = torch.randint(3, config.vocab_size, (1, 3), generator=torch.Generator().manual_seed(2))
     steps = 10
 

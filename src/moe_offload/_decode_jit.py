@@ -104,52 +104,35 @@ def _axpy(o, w, v):
         o[d] += w * v[d]
 
 
-@njit(parallel=True, **_OPTS)
-def attend_o(tag, q, keys, values, S, scale, to, bits, group, bo, out, y):
-    """One query token against the first S cached keys/values [KV, >= S, hd]: out = softmax(q k^T *
-    scale) v for every head (head h reads KV head h // (heads / KV), transformers' repeat_kv), then
-    the output projection of out (tiles `to`, bias bo or empty) into y [N16]."""
+@njit(inline="always", error_model="numpy", boundscheck=False)
+def _head(q, keys, values, S, scale, out, h):
+    """Query head h: softmax(q_h k^T * scale) v into out[h * hd:(h + 1) * hd] (it reads KV head h // (heads / KV))."""
     kvh, hd = keys.shape[0], keys.shape[2]
-    nh = q.shape[0] // hd
-    rep = nh // kvh
-    for h in prange(nh):
-        kv = h // rep
-        qh = q[h * hd:(h + 1) * hd]
-        p = np.empty(S, np.float32)
-        m = np.float32(-np.inf)
-        for j in range(S):
-            s = _dot(qh, keys[kv, j]) * scale
-            p[j] = s
-            m = max(m, s)
-        tot = np.float32(0)
-        for j in range(S):
-            p[j] = np.exp(p[j] - m)
-            tot += p[j]
-        o = out[h * hd:(h + 1) * hd]
-        o[:] = 0
-        for j in range(S):
-            _axpy(o, p[j] / tot, values[kv, j])
-    xq, xs, xsum = _quantized(out, group)
-    nb = to.shape[0]
-    for r in prange(nb):
-        rowblock(tag, to.ctypes.data + r * to.shape[1] * to.shape[2], to.shape[2], bits, 0, to.shape[1], group,
-                 xq.ctypes.data, xs.ctypes.data, xsum.ctypes.data, y.ctypes.data + r * 64, 1)
-    for j in range(bo.shape[0]):
-        y[j] += bo[j]
+    kv = h // (q.shape[0] // hd // kvh)
+    qh = q[h * hd:(h + 1) * hd]
+    p = np.empty(S, np.float32)
+    m = np.float32(-np.inf)
+    for j in range(S):
+        s = _dot(qh, keys[kv, j]) * scale
+        p[j] = s
+        m = max(m, s)
+    tot = np.float32(0)
+    for j in range(S):
+        p[j] = np.exp(p[j] - m)
+        tot += p[j]
+    o = out[h * hd:(h + 1) * hd]
+    o[:] = 0
+    for j in range(S):
+        _axpy(o, p[j] / tot, values[kv, j])
 
 
-@njit(**_OPTS)
-def topk_router(x, w, bias, k, renorm, logits, scores, idx):
-    """logits = w x (+ bias); softmax; the k largest probabilities (the lower expert first among
-    equals) in scores/idx, divided by their sum with `renorm`."""
-    E = w.shape[0]
+@njit(inline="always", error_model="numpy", boundscheck=False)
+def _topk_of(logits, k, renorm, scores, idx):
+    """topk_router's steps after its products: softmax of logits, the k largest, renormalized."""
+    E = logits.shape[0]
     m = np.float32(-np.inf)
     for e in range(E):
-        v = _dot(w[e], x)
-        if bias.shape[0]:
-            v += bias[e]
-        logits[e] = v
-        m = max(m, v)
+        m = max(m, logits[e])
     p = np.empty(E, np.float32)
     tot = np.float32(0)
     for e in range(E):
@@ -171,6 +154,34 @@ def topk_router(x, w, bias, k, renorm, logits, scores, idx):
     if renorm:
         for j in range(k):
             scores[j] /= s
+
+
+@njit(parallel=True, **_OPTS)
+def attend_o(tag, q, keys, values, S, scale, to, bits, group, bo, out, y):
+    """One query token against the first S cached keys/values [KV, >= S, hd]: out = softmax(q k^T *
+    scale) v for every head (head h reads KV head h // (heads / KV), transformers' repeat_kv), then
+    the output projection of out (tiles `to`, bias bo or empty) into y [N16]."""
+    for h in prange(q.shape[0] // keys.shape[2]):
+        _head(q, keys, values, S, scale, out, h)
+    xq, xs, xsum = _quantized(out, group)
+    nb = to.shape[0]
+    for r in prange(nb):
+        rowblock(tag, to.ctypes.data + r * to.shape[1] * to.shape[2], to.shape[2], bits, 0, to.shape[1], group,
+                 xq.ctypes.data, xs.ctypes.data, xsum.ctypes.data, y.ctypes.data + r * 64, 1)
+    for j in range(bo.shape[0]):
+        y[j] += bo[j]
+
+
+@njit(**_OPTS)
+def topk_router(x, w, bias, k, renorm, logits, scores, idx):
+    """logits = w x (+ bias); softmax; the k largest probabilities (the lower expert first among
+    equals) in scores/idx, divided by their sum with `renorm`."""
+    for e in range(w.shape[0]):
+        v = _dot(w[e], x)
+        if bias.shape[0]:
+            v += bias[e]
+        logits[e] = v
+    _topk_of(logits, k, renorm, scores, idx)
 
 
 # ---------------------------------------------------------------- a decoder layer in two calls
@@ -241,58 +252,6 @@ _ROUTE_UNIT = 16  # experts whose router products one unit computes
 def _quantize_into(x, group, xq, xs, xsum):
     for g in range(x.shape[0] // group):
         _quant_group(x, xq, xs, xsum, g, group)
-
-
-@njit(inline="always", error_model="numpy", boundscheck=False)
-def _head(q, keys, values, S, scale, out, h):
-    """attend_o's step for head h: softmax(q_h k^T * scale) v into out[h * hd:(h + 1) * hd]."""
-    kvh, hd = keys.shape[0], keys.shape[2]
-    kv = h // (q.shape[0] // hd // kvh)
-    qh = q[h * hd:(h + 1) * hd]
-    p = np.empty(S, np.float32)
-    m = np.float32(-np.inf)
-    for j in range(S):
-        s = _dot(qh, keys[kv, j]) * scale
-        p[j] = s
-        m = max(m, s)
-    tot = np.float32(0)
-    for j in range(S):
-        p[j] = np.exp(p[j] - m)
-        tot += p[j]
-    o = out[h * hd:(h + 1) * hd]
-    o[:] = 0
-    for j in range(S):
-        _axpy(o, p[j] / tot, values[kv, j])
-
-
-@njit(inline="always", error_model="numpy", boundscheck=False)
-def _topk_of(logits, k, renorm, scores, idx):
-    """topk_router's steps after its products: softmax of logits, the k largest, renormalized."""
-    E = logits.shape[0]
-    m = np.float32(-np.inf)
-    for e in range(E):
-        m = max(m, logits[e])
-    p = np.empty(E, np.float32)
-    tot = np.float32(0)
-    for e in range(E):
-        p[e] = np.exp(logits[e] - m)
-        tot += p[e]
-    for e in range(E):
-        p[e] /= tot
-    taken = np.zeros(E, np.bool_)
-    s = np.float32(0)
-    for j in range(k):
-        best = -1
-        for e in range(E):
-            if not taken[e] and (best < 0 or p[e] > p[best]):
-                best = e
-        taken[best] = True
-        idx[j] = best
-        scores[j] = p[best]
-        s += p[best]
-    if renorm:
-        for j in range(k):
-            scores[j] /= s
 
 
 @njit(**_OPTS)
