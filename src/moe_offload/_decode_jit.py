@@ -7,8 +7,8 @@ import numpy as np
 from numba import njit, prange
 
 from ._jit_cache import install
-from ._layer_jit import (_OPTS, _claim, _down_units, _gate_up_units, _quant_group, _views, atomic_add,
-                         atomic_load, layer, layer_serial, rowblock, yield_cpu)
+from ._layer_jit import (_OPTS, _claim, _down_units, _gate_up_units, _views, atomic_add, atomic_load, layer,
+                         layer_serial, quant_groups, rowblock, yield_cpu)
 
 install()  # before the first decorator: a change to any kernel file recompiles every kernel
 
@@ -19,8 +19,7 @@ def _quantized(x, group):
     xq = np.empty(x.shape[0], np.int8)
     xs = np.empty(ng, np.float32)
     xsum = np.empty(ng, np.float32)
-    for g in range(ng):
-        _quant_group(x, xq, xs, xsum, g, group)
+    quant_groups(x, group, xq, xs, xsum)
     return xq, xs, xsum
 
 
@@ -209,6 +208,18 @@ def attend_route(tag, q, keys, values, S, scale, to, bits, group, bo, att, y, x,
     topk_router(h, rw, rb, k, renorm, logits, scores, idx)
 
 
+@njit(inline="always", error_model="numpy", boundscheck=False)
+def _pick(idx, scores, table, wts, addrs):
+    """The routed experts in expert order (so summed in that order): their weights into wts, their
+    gate_up and down tile addresses from table [2, E] into addrs."""
+    order = np.argsort(idx)
+    for j in range(idx.shape[0]):
+        i = order[j]
+        wts[j] = scores[i]
+        addrs[0, j] = table[0, idx[i]]
+        addrs[1, j] = table[1, idx[i]]
+
+
 @njit(**_OPTS)
 def attend_route_experts(tag, q, keys, values, S, scale, to, bits, group, bo, att, y, x, x2, nw, neps, h, rw, rb, k,
                          renorm, logits, scores, idx, table, wts, meta, inter, bbuf, fbuf, counters, addrs, nthreads):
@@ -217,12 +228,7 @@ def attend_route_experts(tag, q, keys, values, S, scale, to, bits, group, bo, at
     layer kernel (the floats of kernels_layer.moe_layer_decode_at and x2 += its output)."""
     attend_route(tag, q, keys, values, S, scale, to, bits, group, bo, att, y, x, x2, nw, neps, h, rw, rb, k, renorm,
                  logits, scores, idx)
-    order = np.argsort(idx)
-    for j in range(k):
-        i = order[j]
-        wts[j] = scores[i]
-        addrs[0, j] = table[0, idx[i]]
-        addrs[1, j] = table[1, idx[i]]
+    _pick(idx, scores, table, wts, addrs)
     if nthreads == 1:
         layer_serial(tag, h, wts, addrs, meta, inter, bbuf, fbuf, counters)
     else:
@@ -246,12 +252,6 @@ _QKV, _HEADS, _O, _ROUTE, _GATE_UP, _DOWN = 0, 1, 2, 3, 4, 5
 _KINDS = 6
 _LINE = 8  # int64s a cache line: each counter of `sync` on its own line
 _ROUTE_UNIT = 16  # experts whose router products one unit computes
-
-
-@njit(inline="always", error_model="numpy", boundscheck=False)
-def _quantize_into(x, group, xq, xs, xsum):
-    for g in range(x.shape[0] // group):
-        _quant_group(x, xq, xs, xsum, g, group)
 
 
 @njit(**_OPTS)
@@ -350,7 +350,7 @@ def stack(tag, x, cos, sin, n, n1w, n1eps, tq, tk, tv, bq, bk, bv, qn, kn, bits_
                 bg = bits_groups[layer]
                 h[:] = x
                 _rms_norm(h, n1w[layer], n1eps[layer])
-                _quantize_into(h, bg[1], xqh, xsh, xsumh)
+                quant_groups(h, bg[1], xqh, xsh, xsumh)
                 for kind in range(_KINDS):
                     ph = 1 + layer * _KINDS + kind
                     if kind == _HEADS:
@@ -364,7 +364,7 @@ def stack(tag, x, cos, sin, n, n1w, n1eps, tq, tk, tv, bq, bk, bv, qn, kn, bits_
                                 keys[a, n, d] = yk[a * hd + d]
                                 values[a, n, d] = yv[a * hd + d]
                     elif kind == _O:
-                        _quantize_into(att, bg[3], xqa, xsa, xsuma)
+                        quant_groups(att, bg[3], xqa, xsa, xsuma)
                     elif kind == _ROUTE:
                         b = bo[layer]
                         for j in range(b.shape[0]):
@@ -375,14 +375,8 @@ def stack(tag, x, cos, sin, n, n1w, n1eps, tq, tk, tv, bq, bk, bv, qn, kn, bits_
                         _rms_norm(h2, n2w[layer], n2eps[layer])
                     elif kind == _GATE_UP:
                         _topk_of(logits, k, renorm, scores, idx)
-                        order = np.argsort(idx)
-                        table = tables[layer]
-                        for j in range(k):
-                            i = order[j]
-                            wts[j] = scores[i]
-                            addrs[0, j] = table[0, idx[i]]
-                            addrs[1, j] = table[1, idx[i]]
-                        _quantize_into(h2, meta[1], exq, exs, exsum)
+                        _pick(idx, scores, tables[layer], wts, addrs)
+                        quant_groups(h2, meta[1], exq, exs, exsum)
                     atomic_add(sync, 0, 1)  # publish phase ph
                     total = _phase(ph, 0, sync, nthreads, tag, S, scale, heads, hd, tq, tk, tv, to, bits_groups, knp,
                                    vnp, rw, rb, yq, yk, yv, y, att, h2, logits, xqh, xsh, xsumh, xqa, xsa, xsuma, wts,
@@ -394,7 +388,7 @@ def stack(tag, x, cos, sin, n, n1w, n1eps, tq, tk, tv, bq, bk, bv, qn, kn, bits_
                 idx_out[layer] = idx
                 x[:] = x2
             atomic_add(sync, 0, 1)  # done
-        elif role < nthreads:
+        else:
             seen = 0
             while True:
                 ph = atomic_load(sync, 0)

@@ -389,6 +389,13 @@ def _quant_group(src, dst, xs, xsum, g, group):
     xsum[g] = sc * np.float32(s)
 
 
+@njit(inline="always", error_model="numpy", boundscheck=False)
+def quant_groups(x, group, xq, xs, xsum):
+    """_quant_group for every group of the vector x."""
+    for g in range(x.shape[0] // group):
+        _quant_group(x, xq, xs, xsum, g, group)
+
+
 @njit(parallel=True, **_OPTS)
 def quant_rows(x, group, xq, xs, xsum):
     """Per token row b: int8 codes xq[b], scales xs[b, g] and sums xsum[b, g] of each rounded group
@@ -446,8 +453,7 @@ def _views(x, addrs, meta, inter, bbuf, fbuf, nthreads):
 
 @njit(inline="always", error_model="numpy", boundscheck=False)
 def _prologue(x, meta, xq, xs, xsum, counters):
-    for g in range(x.shape[0] // meta[1]):
-        _quant_group(x, xq, xs, xsum, g, meta[1])
+    quant_groups(x, meta[1], xq, xs, xsum)
     counters[:] = 0
 
 

@@ -5,7 +5,7 @@ kernel path planned from, the experts' table, the KV buffers. Most of that is Py
 the previous token's weights pushed out of the CPU's caches, so the walk cost ~20 µs a layer in
 decode (0.57-0.77 ms a token on the quarter shape, 1.1-1.3 on qwen3-quarter), about three times
 its cost in a loop. After a walk that passed, this keeps the objects it read, as flat lists; the
-next token checks them with a few list passes (0.20 ms on quarter) and walks again on any
+next token checks them with a few list passes (0.31-0.34 ms on quarter) and walks again on any
 difference. Every condition of the walk has its check here:
 
 - the token's own (its shape, mask, global hooks, the attention's inputs): checked by the caller
